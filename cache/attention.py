@@ -1,0 +1,160 @@
+"""Paged attention in PyTorch (the reference path, and the CPU path).
+
+Each layer first writes the step's new K/V at their slots, then attends over each sequence's
+blocks. Work follows the tokens actually attended: prefill chunks attend per sequence with a
+[q_len, keys] mask; single-token decodes are grouped by context length and batched, so padding
+within a group stays small. Metadata that depends only on the batch is built once per step and
+shared by every layer (per sliding-window size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DECODE_GROUP_PADDING = 1.25  # padded work / real work allowed inside one decode group
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int
+    q_len: int
+    ctx_len: int          # tokens in the sequence after this chunk (cached prefix + chunk)
+    slots: torch.Tensor   # slot of every position [0, ctx_len)
+
+
+@dataclass
+class DecodeGroup:
+    q_index: torch.Tensor     # [B] rows of the packed batch
+    slots: torch.Tensor       # [B, L] slots of attended keys, padded
+    pad_mask: torch.Tensor | None  # [B, 1, 1, L] True where padded; None if no padding
+
+
+@dataclass
+class AttentionMetadata:
+    """What every layer needs to find its K/V for this step."""
+    slot_mapping: torch.Tensor                 # [num_tokens] where each new token's K/V goes
+    prefills: list[PrefillSeq]
+    decode_index: torch.Tensor | None           # rows of single-token decodes
+    decode_ctx_lens: list[int]
+    decode_slots: list[torch.Tensor]            # per decode seq: slots of its context
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _groups: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
+
+    def decode_groups(self, window: int | None) -> list[DecodeGroup]:
+        if window not in self._groups:
+            self._groups[window] = _group_decodes(self, window)
+        return self._groups[window]
+
+    def prefill_mask(self, i: int, window: int | None) -> tuple[int, torch.Tensor | None]:
+        """First key position attended by prefill i, and its [q_len, keys] mask (None: plain causal)."""
+        key = (i, window)
+        if key not in self._masks:
+            self._masks[key] = _prefill_mask(self.prefills[i], window)
+        return self._masks[key]
+
+
+def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGroup]:
+    if meta.decode_index is None:
+        return []
+    starts = [max(0, c - window) if window else 0 for c in meta.decode_ctx_lens]
+    lens = [c - s for c, s in zip(meta.decode_ctx_lens, starts)]
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    groups, current, real = [], [], 0
+    for i in order:
+        if current and lens[current[0]] * (len(current) + 1) > DECODE_GROUP_PADDING * (real + lens[i]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lens[i]
+    groups.append(current)
+    device = meta.slot_mapping.device
+    out = []
+    for g in groups:
+        width = lens[g[0]]
+        slots = torch.zeros(len(g), width, dtype=torch.long, device=device)
+        pad = torch.zeros(len(g), width, dtype=torch.bool, device=device)
+        for row, i in enumerate(g):
+            slots[row, :lens[i]] = meta.decode_slots[i][starts[i]:]
+            pad[row, lens[i]:] = True
+        has_pad = any(lens[i] < width for i in g)
+        out.append(DecodeGroup(meta.decode_index[g], slots, pad[:, None, None, :] if has_pad else None))
+    return out
+
+
+def _prefill_mask(p: PrefillSeq, window: int | None) -> tuple[int, torch.Tensor | None]:
+    first_q = p.ctx_len - p.q_len
+    k_start = max(0, first_q - window + 1) if window else 0
+    if k_start == 0 and first_q == 0 and (not window or window >= p.ctx_len):
+        return 0, None
+    device = p.slots.device
+    q_pos = torch.arange(first_q, p.ctx_len, device=device)[:, None]
+    k_pos = torch.arange(k_start, p.ctx_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window:
+        allowed &= k_pos > q_pos - window
+    return k_start, allowed
+
+
+def paged_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                    kv_meta: AttentionMetadata | None = None, sliding_window=None, softcap=None, **kwargs):
+    """transformers attention interface: query [1, H, T, D], key/value [1, KVH, T, D] -> [1, T, H, D]."""
+    assert kv_meta is not None, "paged attention needs kv_meta (run the model through kvserve's runner)"
+    k_cache, v_cache = kv_meta.kv_caches[module.layer_idx]
+    num_blocks, block_size, kvh, d = k_cache.shape
+    q = query[0].transpose(0, 1)                       # [T, H, D]
+    k_flat = k_cache.view(-1, kvh, d)
+    v_flat = v_cache.view(-1, kvh, d)
+    k_flat.index_copy_(0, kv_meta.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
+    v_flat.index_copy_(0, kv_meta.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
+    scale = d ** -0.5 if scaling is None else scaling
+    window = sliding_window if sliding_window and sliding_window > 0 else None
+    out = torch.empty_like(q)
+    for i, p in enumerate(kv_meta.prefills):
+        k_start, mask = kv_meta.prefill_mask(i, window)
+        slots = p.slots[k_start:]
+        out[p.q_start:p.q_start + p.q_len] = _attend_prefill(
+            q[p.q_start:p.q_start + p.q_len], k_flat[slots], v_flat[slots], mask, scale, softcap)
+    for g in kv_meta.decode_groups(window):
+        out[g.q_index] = _attend_decode(q[g.q_index], k_flat[g.slots], v_flat[g.slots], g.pad_mask,
+                                        scale, softcap)
+    return out.unsqueeze(0), None
+
+
+def _attend_prefill(q, k, v, mask, scale, softcap):
+    """q [Q, H, D], k/v [K, KVH, D], mask [Q, K] bool or None (plain causal, Q == K) -> [Q, H, D]."""
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0),
+                                           attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=qh.shape[0] != kh.shape[0])
+        return o[0].transpose(0, 1)
+    h, kvh = qh.shape[0], kh.shape[0]
+    g = h // kvh
+    scores = torch.matmul(qh.reshape(kvh, g * q.shape[0], -1), kh.transpose(1, 2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(kvh, g, q.shape[0], -1)
+    if mask is None:
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(kvh, g * q.shape[0], -1)
+    o = torch.matmul(probs, vh).view(h, q.shape[0], -1)
+    return o.transpose(0, 1)
+
+
+def _attend_decode(q, k, v, pad_mask, scale, softcap):
+    """q [B, H, D], k/v [B, L, KVH, D], pad_mask [B, 1, 1, L] or None -> [B, H, D]."""
+    b, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.view(b, kvh, h // kvh, d)
+    kt = k.permute(0, 2, 3, 1)                               # [B, KVH, D, L]
+    scores = torch.matmul(qg, kt).float() * scale            # [B, KVH, G, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if pad_mask is not None:
+        scores = scores.masked_fill(pad_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    o = torch.matmul(probs, v.transpose(1, 2))               # [B, KVH, G, D]
+    return o.reshape(b, h, d)

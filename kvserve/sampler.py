@@ -1,0 +1,85 @@
+"""Turn the logits of the sampling rows into tokens, per request's SamplingParams."""
+from __future__ import annotations
+
+import torch
+
+from scheduler.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
+           num_prompt: list[int], generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
+    """logits [S, V] (float32). Returns chosen token ids and their log-probabilities under the
+    model's unprocessed distribution."""
+    logits = logits.float()
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    if all(p.greedy and not _has_penalty(p) for p in params):
+        chosen = logits.argmax(dim=-1)
+    else:
+        chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        logits = logits.clone()
+        for i, p in enumerate(params):
+            if _has_penalty(p):
+                _apply_penalties(logits[i], p, token_ids[i], num_prompt[i])
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            chosen[greedy] = logits[greedy].argmax(dim=-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            probs = _warp([logits[i] for i in sampled], [params[i] for i in sampled])
+            chosen[sampled] = _draw(probs, [generators[i] for i in sampled])
+    ids = chosen.tolist()
+    lps = logprobs_all.gather(1, chosen[:, None])[:, 0].tolist()
+    return ids, lps
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _apply_penalties(row: torch.Tensor, p: SamplingParams, tokens: list[int], num_prompt: int) -> None:
+    vocab = row.shape[0]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in tokens if t < vocab}), dtype=torch.long, device=row.device)
+        if seen.numel():
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    output = [t for t in tokens[num_prompt:] if t < vocab]
+    if output and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab].float()
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _warp(rows: list[torch.Tensor], params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p -> probabilities [S, V]."""
+    logits = torch.stack(rows)
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    logits = logits / temps
+    top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+    if min(top_k) < logits.shape[1]:
+        k = torch.tensor(top_k, device=logits.device)[:, None]
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+    if (top_p < 1).any():
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p   # keep the smallest set reaching top_p
+        logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device)[:, None]
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row; a row with its own generator draws independently of the others."""
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        out[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+    for i, g in enumerate(generators):
+        if g is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    return out
