@@ -1,0 +1,1 @@
+"""kvserve's benchmark suite: `python -m bench <name>` or `kvserve bench <name>`."""

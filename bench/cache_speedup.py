@@ -1,0 +1,120 @@
+"""KV cache speedup on one stream: kvserve vs transformers generate() with and without its KV cache."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+
+from bench import common
+from bench.common import Request, int_list, print_table, random_prompt, ratio
+from bench.models import describe, model_path
+from bench.peers import free_memory, kvserve_generate, load_hf_model, make_llm, synchronize
+
+NAME = "cache-speedup"
+HELP = "one stream, short prompt, growing outputs: kvserve vs generate(use_cache=True) vs generate(use_cache=False)"
+SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
+LABELS = {"kvserve": "kvserve", "generate_cache": "generate(use_cache=True)",
+          "generate_no_cache": "generate(use_cache=False)"}
+log = logging.getLogger("bench")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common_args(p)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--lengths", type=int_list, default=[50, 100, 200, 300, 500],
+                   help="new-token counts, comma separated (default 50,100,200,300,500)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--repeats", type=int, default=1, help="runs per point; the median is reported")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.prepare(args, NAME)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if set(systems) - set(SYSTEMS):
+        raise SystemExit(f"unknown systems {sorted(set(systems) - set(SYSTEMS))}; choose from {', '.join(SYSTEMS)}")
+    path = model_path(args.model_shape, args.dtype)
+    from transformers import AutoConfig
+    prompt = random_prompt(random.Random(args.seed), args.prompt_len, AutoConfig.from_pretrained(path).vocab_size)
+    machine = common.machine_info(args.device)
+    log.info("machine: %s", common.machine_line(machine))
+    log.info("model: %s", describe(args.model_shape))
+
+    times: dict[str, dict[int, float]] = {}
+    for system in systems:
+        times[system] = _time_system(system, args, path, prompt)
+        free_memory()
+    _report(args, machine, times)
+    return 0
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _time_system(system: str, args, path, prompt: list[int]) -> dict[int, float]:
+    if system == "kvserve":
+        llm = make_llm(path, args.device, args.dtype, seed=args.seed, enable_prefix_caching=False,
+                       max_model_len=args.prompt_len + max(args.lengths) + 16)
+
+        def once(n: int) -> float:
+            return kvserve_generate(llm, [Request(prompt, n)], args.device, desc=f"kvserve {n}").elapsed
+    else:
+        import torch
+        model = load_hf_model(path, args.device, args.dtype)
+        ids = torch.tensor([prompt], device=args.device)
+        use_cache = system == "generate_cache"
+
+        def once(n: int) -> float:
+            synchronize(args.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, use_cache=use_cache, pad_token_id=0)
+            synchronize(args.device)
+            return time.perf_counter() - t0
+    once(4)  # warm-up
+    out = {}
+    bar = common.progress(total=len(args.lengths) * args.repeats, desc=LABELS[system], unit="run")
+    for n in args.lengths:
+        samples = []
+        for _ in range(args.repeats):
+            samples.append(once(n))
+            bar.update(1)
+        out[n] = _median(samples)
+        log.info("%s, %d new tokens: %.2f s", LABELS[system], n, out[n])
+    bar.close()
+    return out
+
+
+def _report(args, machine, times: dict[str, dict[int, float]]) -> None:
+    headers = ["new tokens"] + [f"{LABELS[s]} s" for s in times]
+    speedups = [("generate_no_cache", "generate_cache"), ("generate_no_cache", "kvserve"),
+                ("generate_cache", "kvserve")]
+    speedups = [(a, b) for a, b in speedups if a in times and b in times]
+    headers += [f"{LABELS[b]} vs {LABELS[a]}" for a, b in speedups]
+    rows = []
+    for n in args.lengths:
+        rows.append([n] + [times[s][n] for s in times] + [f"{ratio(times[a][n], times[b][n]):.2f}x"
+                                                          for a, b in speedups])
+    print()
+    print_table(headers, rows, title=f"cache-speedup: one stream, {args.prompt_len}-token prompt, greedy, "
+                                     f"{args.dtype} on {args.device}, model {args.model_shape} (seconds; speedup = "
+                                     f"slower time / faster time)")
+    print(f"machine: {common.machine_line(machine)}")
+    payload = {"benchmark": NAME, "machine": machine,
+               "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},
+               "config": {"prompt_len": args.prompt_len, "lengths": args.lengths, "repeats": args.repeats},
+               "seconds": {s: {str(n): t for n, t in v.items()} for s, v in times.items()},
+               "speedup": {f"{b}/{a}": {str(n): ratio(times[a][n], times[b][n]) for n in args.lengths}
+                           for a, b in speedups}}
+    common.write_json(args.out_dir, NAME, payload)
+    fig, (ax,) = common.new_figure()
+    for s, v in times.items():
+        ax.plot(list(v), list(v.values()), marker="o", label=LABELS[s])
+    ax.set_xlabel("new tokens (one stream)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Generation time vs length, {args.prompt_len}-token prompt, {args.model_shape}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))

@@ -1,0 +1,185 @@
+"""An online load generator for OpenAI (/v1/completions) and TGI (/generate_stream) streaming servers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from bench.common import summarize
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PRINTABLE = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,"
+
+
+@dataclass(slots=True)
+class TextRequest:
+    prompt: str
+    max_tokens: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    ok: bool
+    sent: float
+    ttft: float | None = None
+    e2e: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.ok or self.output_tokens < 2 or self.ttft is None:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+def check_loopback(url: str) -> str:
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise SystemExit(f"refusing {url}: this benchmark only talks to loopback addresses (127.0.0.1, ::1)")
+    return url.rstrip("/")
+
+
+def text_workload(num: int, prompt_len: tuple[int, int], output_len: tuple[int, int], seed: int) -> list[TextRequest]:
+    """Random printable prompts: one token per character with a byte-level tokenizer."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        plen, olen = rng.randint(*prompt_len), rng.randint(*output_len)
+        out.append(TextRequest("".join(rng.choice(PRINTABLE) for _ in range(plen)), olen))
+    return out
+
+
+class Client:
+    """Streams one request and times every token. api: "openai" or "tgi"."""
+
+    def __init__(self, url: str, api: str, model: str, ignore_eos: bool, timeout: float):
+        import httpx
+        self.url, self.api, self.model, self.ignore_eos = check_loopback(url), api, model, ignore_eos
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    def _body(self, req: TextRequest) -> tuple[str, dict]:
+        if self.api == "openai":
+            body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            if self.ignore_eos:
+                body["ignore_eos"] = True
+            return f"{self.url}/v1/completions", body
+        params = {"max_new_tokens": req.max_tokens, "do_sample": False, "details": True}
+        return f"{self.url}/generate_stream", {"inputs": req.prompt, "parameters": params, "stream": True}
+
+    async def send(self, req: TextRequest) -> Outcome:
+        url, body = self._body(req)
+        out = Outcome(ok=False, sent=time.perf_counter())
+        usage = None
+        try:
+            async with self.http.stream("POST", url, json=body) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")[:200]
+                    out.error = f"HTTP {resp.status_code}: {text}"
+                    return out
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    now = time.perf_counter()
+                    msg = json.loads(data)
+                    if "error" in msg and msg["error"]:
+                        out.error = str(msg["error"])[:200]
+                        return out
+                    n, usage = self._tokens_in(msg, usage)
+                    for _ in range(n):
+                        out.token_times.append(now)
+        except Exception as exc:  # any transport failure counts as an error for this request
+            out.error = f"{type(exc).__name__}: {exc}"[:200]
+            return out
+        end = time.perf_counter()
+        if not out.token_times:
+            out.error = "no tokens received"
+            return out
+        out.ok = True
+        out.ttft = out.token_times[0] - out.sent
+        out.e2e = end - out.sent
+        out.output_tokens = usage.get("completion_tokens", len(out.token_times)) if usage else len(out.token_times)
+        out.prompt_tokens = usage.get("prompt_tokens") if usage else None
+        return out
+
+    def _tokens_in(self, msg: dict, usage: dict | None) -> tuple[int, dict | None]:
+        """Tokens this event carries (a chunk with text counts as one) and the usage block when present."""
+        if self.api == "openai":
+            usage = msg.get("usage") or usage
+            choices = msg.get("choices") or []
+            return (1 if choices and choices[0].get("text") else 0), usage
+        details = msg.get("details")
+        if details:
+            usage = {"completion_tokens": details.get("generated_tokens")}
+        return (1 if msg.get("token") is not None else 0), usage
+
+
+async def run_poisson(client: Client, reqs: list[TextRequest], rate: float, seed: int, bar=None) -> tuple[list, float]:
+    """Send `reqs` with exponential gaps at `rate` requests/s (inf: all at once); return outcomes and duration."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    tasks, t = [], 0.0
+    for req in reqs:
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_tracked(client, req, bar)))
+        t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
+    outcomes = await asyncio.gather(*tasks)
+    return outcomes, time.perf_counter() - start
+
+
+async def run_concurrency(client: Client, reqs: list[TextRequest], concurrency: int, bar=None) -> tuple[list, float]:
+    """Keep `concurrency` requests in flight until all are done."""
+    queue = list(enumerate(reqs))[::-1]
+    outcomes: list = [None] * len(reqs)
+
+    async def worker():
+        while queue:
+            i, req = queue.pop()
+            outcomes[i] = await _tracked(client, req, bar)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes, time.perf_counter() - start
+
+
+async def _tracked(client: Client, req: TextRequest, bar) -> Outcome:
+    out = await client.send(req)
+    if bar is not None:
+        bar.update(1)
+    return out
+
+
+def summarize_point(outcomes: list[Outcome], duration: float) -> dict:
+    ok = [o for o in outcomes if o.ok]
+    errors = [o.error for o in outcomes if not o.ok]
+    out_tokens = sum(o.output_tokens for o in ok)
+    return {
+        "requests": len(outcomes), "completed": len(ok), "errors": len(errors),
+        "error_samples": sorted(set(errors))[:3], "duration_s": duration,
+        "request_throughput": len(ok) / duration if duration else math.nan,
+        "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / duration if duration else math.nan,
+        "ttft_s": summarize([o.ttft for o in ok]),
+        "tpot_s": summarize([o.tpot for o in ok if o.tpot is not None]),
+        "itl_s": summarize([x for o in ok for x in o.itls]),
+        "e2e_s": summarize([o.e2e for o in ok]),
+    }

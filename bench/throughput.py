@@ -1,0 +1,180 @@
+"""Offline throughput: one workload through kvserve, transformers generate() and transformers generate_batch()."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from bench import common
+from bench.common import Request, make_workload, parse_range, print_table, ratio
+from bench.models import describe, model_path
+from bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
+                         kvserve_generate, load_hf_model, make_llm)
+
+NAME = "throughput"
+HELP = "output tokens/s of kvserve vs transformers generate() and generate_batch() on one workload"
+SYSTEMS = ("kvserve", "generate_batch", "generate")
+TARGETS = {"generate": 3.0, "generate_batch": 1.5}
+log = logging.getLogger("bench")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common_args(p)
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=64)
+    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), help="uniform range lo:hi (default 32:512)")
+    g.add_argument("--output-len", type=parse_range, default=(16, 256), help="uniform range lo:hi (default 16:256)")
+    g.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    g = p.add_argument_group("systems")
+    g.add_argument("--batch-size", type=int, default=8, help="generate() static batch size (default 8)")
+    g.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="tokens per step for kvserve (max_num_batched_tokens) and generate_batch (max_batch_tokens)")
+    g.add_argument("--block-size", type=int, default=16, help="kvserve KV block size")
+    g.add_argument("--kv-blocks", type=int, default=None,
+                   help="kvserve KV blocks (default: enough for the whole workload at once); generate_batch gets "
+                        "the same number of KV token slots")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="kvserve max_num_seqs")
+    g.add_argument("--hf-page-size", type=int, default=256, help="generate_batch page size (its default, 256)")
+    g.add_argument("--warmup", type=int, default=2, help="warm-up requests per system before timing (default 2)")
+    g = p.add_argument_group("profiling")
+    g.add_argument("--profile", action="store_true",
+                   help="also profile kvserve on a small slice and print where the step time goes")
+    g.add_argument("--profile-requests", type=int, default=16)
+    g.add_argument("--profile-tokens", type=int, default=32, help="max_tokens per request while profiling")
+
+
+def warmup_slice(requests: list[Request], n: int) -> list[Request]:
+    return [Request(r.prompt_token_ids[:64], min(r.max_tokens, 8)) for r in requests[:n]]
+
+
+def run(args: argparse.Namespace) -> int:
+    common.prepare(args, NAME)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    path = model_path(args.model_shape, args.dtype)
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    reqs = make_workload(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed)
+    kv_blocks = args.kv_blocks or blocks_for(reqs, args.block_size)
+    machine = common.machine_info(args.device)
+    log.info("machine: %s", common.machine_line(machine))
+    log.info("model: %s; %d requests, prompt %s, output %s, %d KV blocks of %d", describe(args.model_shape),
+             len(reqs), args.prompt_len, args.output_len, kv_blocks, args.block_size)
+
+    results: dict[str, RunResult] = {}
+    for system in systems:
+        log.info("running %s", system)
+        results[system] = _run_system(system, args, path, reqs, kv_blocks)
+        log.info("%s: %.1f output tokens/s (%.1f s)", system, results[system].output_tps, results[system].elapsed)
+        free_memory()
+
+    profile = _profile(args, path, reqs, kv_blocks) if args.profile else None
+    _report(args, machine, reqs, kv_blocks, results, profile)
+    return 0
+
+
+def _kvserve(args, path, reqs: list[Request], kv_blocks: int):
+    max_len = max(len(r.prompt_token_ids) + r.max_tokens for r in reqs)
+    return make_llm(path, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=kv_blocks,
+                    max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
+                    max_model_len=max_len, seed=args.seed)
+
+
+def _run_system(system: str, args, path, reqs: list[Request], kv_blocks: int) -> RunResult:
+    if system == "kvserve":
+        llm = _kvserve(args, path, reqs, kv_blocks)
+        kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc="kvserve warm-up")
+        res = kvserve_generate(llm, reqs, args.device, desc="kvserve")
+        res.extra["engine_stats"] = _stats_dict(llm)
+        del llm
+        return res
+    model = load_hf_model(path, args.device, args.dtype)
+    if system == "generate":
+        hf_generate_static(model, warmup_slice(reqs, args.warmup), args.batch_size, args.device, desc="warm-up")
+        return hf_generate_static(model, reqs, args.batch_size, args.device, desc="generate")
+    page = args.hf_page_size
+    num_blocks = -(-kv_blocks * args.block_size // page) + len(reqs)  # same token slots, plus per-request rounding
+    kw = dict(num_blocks=num_blocks, page_size=page, max_batch_tokens=args.max_batch_tokens)
+    hf_continuous_batching(model, warmup_slice(reqs, args.warmup), args.device, desc="warm-up", **kw)
+    return hf_continuous_batching(model, reqs, args.device, desc="generate_batch", **kw)
+
+
+def _stats_dict(llm) -> dict | None:
+    try:
+        from dataclasses import asdict
+        return asdict(llm.engine.stats())
+    except Exception as exc:  # the stats are a bonus, not the measurement
+        log.warning("could not read engine stats: %s", exc)
+        return None
+
+
+def _profile(args, path, reqs, kv_blocks) -> dict:
+    from bench.profiling import profile_kvserve
+    llm = _kvserve(args, path, reqs, kv_blocks)
+    sl = [Request(r.prompt_token_ids, min(r.max_tokens, args.profile_tokens)) for r in reqs[:args.profile_requests]]
+    kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc="kvserve warm-up")
+    return profile_kvserve(llm, sl, args.device)
+
+
+def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profile) -> None:
+    base = results.get("kvserve")
+    rows = []
+    for name, r in results.items():
+        rows.append([name, r.num_requests, r.output_tokens, r.computed_tokens, r.elapsed, r.output_tps,
+                     r.request_rate, ratio(base.output_tps, r.output_tps) if base else None])
+    print()
+    print_table(["system", "requests", "output tok", "computed tok", "time s", "output tok/s", "req/s",
+                 "kvserve x"], rows,
+                title=f"throughput: {len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, output "
+                      f"{args.output_len[0]}-{args.output_len[1]} tokens, ignore_eos, greedy, {args.dtype} on "
+                      f"{args.device}; model {args.model_shape}")
+    ratios = {}
+    if base:
+        for name, target in TARGETS.items():
+            if name in results:
+                ratios[f"kvserve/{name}"] = {"ratio": ratio(base.output_tps, results[name].output_tps),
+                                             "target": target}
+        for key, v in ratios.items():
+            ok = "meets" if v["ratio"] >= v["target"] else "below"
+            print(f"{key}: {v['ratio']:.2f}x ({ok} the {v['target']}x target)")
+    if "generate" in results:
+        g = results["generate"]
+        print(f"generate() computed {g.computed_tokens} output tokens for {g.output_tokens} useful ones: static "
+              f"batches of {args.batch_size} run to each batch's longest output; only each request's own tokens count.")
+    print(f"machine: {common.machine_line(machine)}")
+    if profile:
+        from bench.profiling import print_profile
+        print_profile(profile)
+    payload = {
+        "benchmark": NAME, "machine": machine,
+        "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},
+        "workload": {"num_requests": len(reqs), "prompt_len": args.prompt_len, "output_len": args.output_len,
+                     "prompt_tokens": sum(len(r.prompt_token_ids) for r in reqs),
+                     "output_tokens": sum(r.max_tokens for r in reqs), "seed": args.seed, "ignore_eos": True,
+                     "temperature": 0},
+        "config": {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+                   "block_size": args.block_size, "kv_blocks": kv_blocks, "max_num_seqs": args.max_num_seqs,
+                   "hf_page_size": args.hf_page_size, "warmup_requests": args.warmup},
+        "results": {k: v.as_dict() for k, v in results.items()}, "ratios": ratios, "profile": profile,
+    }
+    common.write_json(args.out_dir, NAME, payload)
+    _plot(args, machine, results)
+
+
+def _plot(args, machine, results: dict[str, RunResult]) -> None:
+    fig, (ax,) = common.new_figure()
+    names = list(results)
+    tps = [results[n].output_tps for n in names]
+    bars = ax.bar(names, tps, color=["tab:green" if n == "kvserve" else "tab:gray" for n in names])
+    base = results.get("kvserve")
+    for bar, n in zip(bars, names):
+        label = f"{results[n].output_tps:.0f}"
+        if base and n != "kvserve":
+            label += f"\nkvserve {ratio(base.output_tps, results[n].output_tps):.2f}x"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"Offline throughput, {args.num_requests} requests, {args.model_shape}")
+    ax.margins(y=0.2)
+    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
