@@ -93,8 +93,9 @@ class KVCacheManager:
         """Publish the sequence's full, computed blocks in the prefix cache."""
         if not self.enable_caching:
             return
-        table = self.block_tables[seq_id]
-        for block, block_hash in zip(table, self._hashes(seq_id, token_ids, num_computed)):
+        num_full = num_computed // self.block_size
+        table = self.block_tables[seq_id][:num_full]
+        for block, block_hash in zip(table, self._hashes(seq_id, token_ids, num_computed)[:num_full]):
             if block.block_hash is None:
                 self.pool.cache(block, block_hash)
 
