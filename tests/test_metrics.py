@@ -8,16 +8,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve import AsyncEngine, EngineConfig, SamplingParams
-from kvserve.demo import ensure_demo_model
 from kvserve.outputs import EngineStats
 from server.metrics import FAILURE_REASONS, SUCCESS_REASONS, EngineMetrics, format_log_line
 
 MODEL = "demo"
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> str:
-    return ensure_demo_model()
 
 
 def make_engine(path: str, num_kv_blocks: int, **kw) -> AsyncEngine:
@@ -29,11 +23,11 @@ def make_engine(path: str, num_kv_blocks: int, **kw) -> AsyncEngine:
 
 
 @pytest.fixture
-def engine_factory(demo_model):
+def engine_factory(demo_model_dir):
     engines = []
 
     def factory(num_kv_blocks: int, **kw):
-        engine = make_engine(demo_model, num_kv_blocks, **kw)
+        engine = make_engine(demo_model_dir, num_kv_blocks, **kw)
         engines.append(engine)
         return engine, EngineMetrics(engine, MODEL)
 
