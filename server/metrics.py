@@ -49,7 +49,15 @@ class EngineStatsCollector(Collector):
         return self._families(None)
 
     def collect(self):
-        return self._families(self.engine.stats())
+        try:
+            stats = self.engine.stats()
+        except Exception:  # noqa: BLE001 - /metrics must still answer, with engine_up 0
+            logger.exception("engine.stats() failed during a scrape")
+            up = GaugeMetricFamily("kvserve_engine_up", "1 while the engine thread is alive, 0 after it died.",
+                                   labels=["model_name"])
+            up.add_metric([self.model_name], 0.0)
+            return [up]
+        return self._families(stats)
 
     def _families(self, s: EngineStats | None):
         m = [self.model_name]

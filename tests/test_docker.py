@@ -53,6 +53,7 @@ def test_dockerfile_essentials():
     assert "580.65.06" in text
     assert re.search(r"^USER 10001", text, re.M) and "HF_HOME=" in text
     assert 'ENTRYPOINT ["kvserve", "serve"]' in text and re.search(r"^CMD \[", text, re.M)
+    assert "KVSERVE_MODEL=/models/model" in text
     assert "KVSERVE_HOST=0.0.0.0" in text and "EXPOSE 8000" in text
     health = healthcheck_argv(text)
     assert "KVSERVE_PORT" in health and "urllib" in health and "curl" not in health
@@ -106,10 +107,8 @@ def test_compose_structure():
     assert kv["build"]["dockerfile"] == "docker/Dockerfile" and kv["build"]["context"] == ".."
     grace = int(kv["stop_grace_period"].rstrip("s"))
     assert grace > 10, "Docker's default 10 s is too short to drain"
-    cmd = kv["command"]
-    assert "--shutdown-timeout" in cmd
-    shutdown = int(re.search(r"(\d+)", cmd[cmd.index("--shutdown-timeout") + 1]).group(1))
-    assert shutdown < grace, "the server must finish draining before Docker sends SIGKILL"
+    shutdown = float(kv["environment"]["KVSERVE_SHUTDOWN_TIMEOUT"])
+    assert shutdown + 5 <= grace, "the server must finish draining before Docker sends SIGKILL"
     mounts = [v.rsplit(":", 2)[1] for v in kv["volumes"]]
     assert "/models" in mounts and "/data/huggingface" in mounts
     assert "hf-cache" in compose["volumes"]
@@ -187,3 +186,27 @@ def test_dashboard_is_templated_and_uses_only_exported_metrics():
               "kvserve_request_failure_total"]
     for name in wanted:
         assert any(name in e for e in exprs), name
+
+
+def image_env() -> dict[str, str]:
+    """KEY=VALUE pairs of the final stage's ENV instructions."""
+    final = (DOCKER / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1].replace("\\\n", " ")
+    env = {}
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in line[4:].split())
+    return env
+
+
+def test_image_env_drives_kvserve_serve(monkeypatch):
+    """`docker run IMAGE` (no arguments) binds 0.0.0.0:8000 and loads /models/model; arguments still win."""
+    from server.cli import build_parser
+
+    env = image_env()
+    for key, value in env.items():
+        if key.startswith("KVSERVE_"):
+            monkeypatch.setenv(key, value)
+    assert env["HF_HOME"].startswith("/data/")
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 8000, "/models/model")
+    assert build_parser().parse_args(["serve", "--model", "org/name"]).model == "org/name"

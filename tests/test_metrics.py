@@ -195,3 +195,21 @@ def test_log_line_and_loop(engine_factory, caplog):
         asyncio.run(run_many(engine, [prompt_ids(60, k) for k in range(3)], 30))
         metrics.stop_log_loop()
     assert any("tok/s" in r.getMessage() and "KV usage" in r.getMessage() for r in caplog.records)
+
+
+def test_scrape_survives_a_broken_engine():
+    class Broken:
+        is_running = False
+
+        def add_step_listener(self, fn):
+            pass
+
+        def add_finish_listener(self, fn):
+            pass
+
+        def stats(self):
+            raise RuntimeError("engine gone")
+
+    s = scrape(EngineMetrics(Broken(), MODEL))
+    assert value(s, "kvserve_engine_up") == 0
+    assert value(s, "kvserve_request_failure_total", reason="engine_error") == 0
