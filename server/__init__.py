@@ -1,0 +1,1 @@
+"""kvserve's HTTP server: TGI and OpenAI-compatible APIs over the AsyncEngine, plus the CLI."""

@@ -1,0 +1,147 @@
+"""The FastAPI application: both API families, /health, /info, /metrics, engine start and stop."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from server import routes_openai, routes_tgi
+from server.errors import install_error_handlers
+from server.serving import ServerState
+
+logger = logging.getLogger("kvserve.server")
+
+DEMO_NOTE = "built-in demo model with RANDOM weights: its output is gibberish; pass --model to serve a real model"
+LOAD_HEARTBEAT_S = 5.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("kvserve")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def is_demo(engine: Any) -> bool:
+    return bool(getattr(getattr(engine, "model_config", None), "kvserve_demo", False))
+
+
+def start_engine(state: ServerState, engine: Any) -> None:
+    """Start the engine thread (on the event loop's thread) and publish it to the routes."""
+    engine.start()
+    state.set_engine(engine)
+    if state.metrics is not None and hasattr(state.metrics, "start_log_loop"):
+        state.metrics.start_log_loop()
+    logger.info("engine started: model %s served as %r, max_model_len %d, KV pool %s", engine.model_id,
+                state.served_model_name, engine.max_model_len, engine.kv_info)
+    if is_demo(engine):
+        logger.warning("serving the %s", DEMO_NOTE)
+
+
+async def load_engine(state: ServerState, loader: Callable[[], Any],
+                      on_error: Callable[[BaseException], None] | None) -> None:
+    """Build the engine in a worker thread, logging progress, then start it."""
+    began = time.monotonic()
+    future = asyncio.ensure_future(asyncio.to_thread(loader))
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=LOAD_HEARTBEAT_S)
+        if done:
+            break
+        logger.info("still loading the model (%.0f s elapsed)", time.monotonic() - began)
+    try:
+        engine = future.result()
+        logger.info("model loaded in %.1f s", time.monotonic() - began)
+        start_engine(state, engine)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        logger.exception("loading the model failed")
+        if on_error is not None:
+            on_error(exc)
+
+
+def make_lifespan(state: ServerState, engine: Any, loader: Callable[[], Any] | None,
+                  on_load_error: Callable[[BaseException], None] | None):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if engine is not None:
+            start_engine(state, engine)
+        elif loader is not None:
+            task = asyncio.create_task(load_engine(state, loader, on_load_error))
+        yield
+        if task is not None and not task.done():
+            task.cancel()
+        if state.metrics is not None and hasattr(state.metrics, "stop_log_loop"):
+            state.metrics.stop_log_loop()
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown)
+    return lifespan
+
+
+def info(state: ServerState) -> dict:
+    """What /info reports: model, demo label, limits, KV pool, live engine stats."""
+    ok, status = state.health()
+    result: dict[str, Any] = {"served_model_name": state.served_model_name, "status": status, "healthy": ok,
+                              "version": version(), "router": "kvserve", **state.info}
+    engine = state.engine
+    if engine is None:
+        return result
+    stats = engine.stats()
+    kv = dict(engine.kv_info)
+    result.update({
+        "model_id": str(engine.model_id), "demo": is_demo(engine),
+        "model_dtype": str(kv.get("dtype", result.get("model_dtype"))),
+        "model_device_type": str(kv.get("device", result.get("model_device_type"))),
+        "max_model_len": engine.max_model_len, "max_input_tokens": engine.max_model_len - 1,
+        "max_total_tokens": engine.max_model_len, "kv_cache": kv,
+        "stats": {**dataclasses.asdict(stats), "usage": stats.usage, "requests_in_flight": len(state.inflight)},
+    })
+    if result["demo"]:
+        result["note"] = DEMO_NOTE
+    return result
+
+
+def add_system_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", tags=["system"], responses={503: {"description": "loading, shutting down or dead"}})
+    async def health() -> Response:
+        """200 while the engine runs; 503 while loading, shutting down, or after the engine died."""
+        ok, status = state.health()
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+
+    @app.get("/info", tags=["system"])
+    async def get_info() -> dict:
+        """Model, served name, demo label, dtype, device, limits, KV pool, engine stats, version."""
+        return info(state)
+
+    @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus exposition of the engine and server metrics."""
+        if state.metrics is None:
+            return PlainTextResponse("metrics are not available yet\n", status_code=503)
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def create_app(engine: Any = None, served_model_name: str = "kvserve", *, loader: Callable[[], Any] | None = None,
+               keepalive_interval: float = 5.0, info_extra: dict | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """Build the app around an AsyncEngine that is not started yet (started at app startup, shut down
+    at app shutdown), or around `loader`, which builds one in a worker thread while /health says 503."""
+    state = ServerState(served_model_name=served_model_name, keepalive_interval=keepalive_interval,
+                        info={"started": int(time.time()), **(info_extra or {})})
+    app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error),
+                  description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")
+    app.state.kvserve = state
+    install_error_handlers(app)
+    add_system_routes(app, state)
+    app.include_router(routes_tgi.router)
+    app.include_router(routes_openai.router)
+    return app

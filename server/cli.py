@@ -1,0 +1,227 @@
+"""`kvserve` command line: `kvserve serve` runs the HTTP server; other subcommands plug in by name.
+
+Every `serve` flag can also be set with an environment variable, KVSERVE_<FLAG> (e.g. KVSERVE_PORT).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.serving import ServerState, drain
+
+logger = logging.getLogger("kvserve.server")
+
+DEMO_SERVED_NAME = "kvserve-demo"
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand implemented elsewhere: `module.main(argv) -> int | None`, imported only when run."""
+    module: str
+    help: str
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "bench": Subcommand("bench.cli", "benchmark a running kvserve server (needs bench/cli.py)"),
+}
+
+
+def register_subcommand(name: str, module: str, help: str) -> None:
+    """Add `kvserve <name> ...`, which calls `<module>.main(argv)` with the remaining arguments."""
+    SUBCOMMANDS[name] = Subcommand(module, help)
+
+
+def env_name(flag: str) -> str:
+    return "KVSERVE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, type: Callable[[str], Any] = str,
+             default: Any = None, **kwargs: Any) -> None:
+    """A flag whose default comes from KVSERVE_<FLAG> when set; --help names the variable."""
+    env = env_name(flag)
+    if env in os.environ:
+        default = type(os.environ[env])
+    shown = "" if default is None else f"; default: {default}"
+    parser.add_argument(flag, type=type, default=default, help=f"{help} [env: {env}{shown}]", **kwargs)
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    env = env_name(flag)
+    default = os.environ.get(env, "").strip().lower() in TRUE
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {env}=1]")
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "--model", "local folder or Hugging Face hub id; default: the built-in demo model "
+             "(random weights, created offline on first use)")
+    add_flag(p, "--host", "address to bind", default="127.0.0.1")
+    add_flag(p, "--port", "port to bind", type=int, default=8000)
+    add_flag(p, "--served-model-name", "model name the APIs report and accept; default: --model")
+    add_flag(p, "--dtype", "weights and KV cache dtype", default="auto",
+             choices=["auto", "float32", "bfloat16", "float16"])
+    add_flag(p, "--device", "auto, cpu, cuda or cuda:N", default="auto")
+    add_flag(p, "--block-size", "tokens per KV block (a power of two)", type=int, default=16)
+    add_flag(p, "--num-kv-blocks", "absolute KV pool size in blocks (wins over the memory options)", type=int)
+    add_flag(p, "--kv-cache-memory", "absolute KV pool size in bytes, e.g. 4GiB or 512MB")
+    add_flag(p, "--gpu-memory-utilization", "fraction of GPU memory for weights + KV (CUDA; 0.9 if nothing "
+             "else is given)", type=float)
+    add_flag(p, "--max-num-seqs", "most sequences in one batch", type=int, default=256)
+    add_flag(p, "--max-num-batched-tokens", "token budget of one engine step", type=int, default=2048)
+    add_flag(p, "--max-model-len", "maximum prompt + output length; default: the model's", type=int)
+    add_switch(p, "--no-prefix-caching", "disable prefix caching")
+    add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
+             default=1024)
+    add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker "
+             "kills after 10 s by default)", type=float, default=8.0)
+    add_flag(p, "--sse-keepalive", "seconds between SSE `: keep-alive` comments while a stream is quiet",
+             type=float, default=5.0)
+    add_flag(p, "--log-level", "debug, info, warning or error", default="info",
+             choices=["debug", "info", "warning", "error", "critical"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="LLM serving with a paged KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the HTTP server (TGI and OpenAI-compatible APIs)",
+                           description="Run the kvserve HTTP server.")
+    add_serve_flags(serve)
+    for name, command in SUBCOMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr with timestamps; uvicorn and the engine log through the root logger."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str, bool]:
+    """(model path or id, served name, is_demo); creates the demo model offline when no --model."""
+    if args.model:
+        return args.model, args.served_model_name or args.model, False
+    from kvserve.demo import ensure_demo_model
+    path = ensure_demo_model()
+    logger.warning("no --model given: using the built-in demo model at %s (RANDOM weights, output is "
+                   "gibberish; pass --model to serve a real model)", path)
+    return path, args.served_model_name or DEMO_SERVED_NAME, True
+
+
+def engine_loader(args: argparse.Namespace, model: str) -> Callable[[], Any]:
+    """A function that builds the AsyncEngine (the slow part: loading weights, sizing the KV pool)."""
+    def load() -> Any:
+        logger.info("loading model %s (dtype %s, device %s): importing torch and transformers", model,
+                    args.dtype, args.device)
+        from kvserve import AsyncEngine, EngineConfig
+        config = EngineConfig(
+            model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching)
+        return AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+    return load
+
+
+def limits(args: argparse.Namespace) -> dict:
+    return {"limits": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "max_waiting_requests": args.max_waiting_requests, "block_size": args.block_size,
+                       "max_stop_sequences": 4, "prefix_caching": not args.no_prefix_caching,
+                       "shutdown_timeout_s": args.shutdown_timeout},
+            "model_dtype": args.dtype, "model_device_type": args.device}
+
+
+def make_server(args: argparse.Namespace) -> DrainingServer:
+    from server.app import create_app
+    model, served_name, demo = resolve_model(args)
+    server: DrainingServer | None = None
+
+    def on_load_error(exc: BaseException) -> None:
+        assert server is not None
+        server.exit_code = 1
+        server.should_exit = True
+
+    app = create_app(None, served_name, loader=engine_loader(args, model), keepalive_interval=args.sse_keepalive,
+                     info_extra={**limits(args), "demo": demo}, on_load_error=on_load_error)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
+                            timeout_graceful_shutdown=3, lifespan="on")
+    server = DrainingServer(config, app.state.kvserve, args.shutdown_timeout)
+    return server
+
+
+def serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    began = time.monotonic()
+    server = make_server(args)
+    server.run()
+    logger.info("kvserve stopped after %.1f s", time.monotonic() - began)
+    return server.exit_code
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except SIGTERM/SIGINT first drain (503 for new requests), then exit with status 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_task: asyncio.Future | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: drain in the background. A second one: exit now (SIGINT: without waiting)."""
+        if self.state.draining or self.loop is None:
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+            return
+        logger.info("received %s: draining, then exiting", signal.Signals(sig).name)
+        self.state.draining = True
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        await drain(self.state, self.shutdown_timeout)
+        self.should_exit = True
+
+
+def run_subcommand(name: str, argv: list[str]) -> int:
+    command = SUBCOMMANDS[name]
+    if importlib.util.find_spec(command.module.split(".")[0]) is None or \
+            importlib.util.find_spec(command.module) is None:
+        print(f"kvserve {name} is not available: module {command.module} is not installed", file=sys.stderr)
+        return 2
+    result = importlib.import_module(command.module).main(argv)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return run_subcommand(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""API errors and their two wire shapes: TGI's {"error", "error_type"} and OpenAI's {"error": {...}}."""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+
+logger = logging.getLogger("kvserve.server")
+
+Kind = Literal["validation", "not_found", "overloaded", "unavailable", "generation", "internal"]
+Family = Literal["tgi", "openai"]
+
+TGI_STATUS: dict[str, int] = {"validation": 422, "not_found": 404, "overloaded": 429, "unavailable": 503,
+                              "generation": 424, "internal": 500}
+OPENAI_STATUS: dict[str, int] = {"validation": 400, "not_found": 404, "overloaded": 429, "unavailable": 503,
+                                 "generation": 500, "internal": 500}
+OPENAI_TYPE: dict[str, str] = {"validation": "invalid_request_error", "not_found": "not_found_error",
+                               "overloaded": "rate_limit_error", "unavailable": "service_unavailable_error",
+                               "generation": "server_error", "internal": "server_error"}
+TGI_TYPE: dict[str, str] = {"validation": "validation", "not_found": "not_found", "overloaded": "overloaded",
+                            "unavailable": "unavailable", "generation": "generation",
+                            "internal": "incomplete_generation"}
+FAILURE_REASON: dict[str, str | None] = {"validation": "validation", "not_found": "validation",
+                                         "overloaded": "overloaded", "unavailable": None,
+                                         "generation": "engine_error", "internal": "engine_error"}
+
+
+class APIError(Exception):
+    """An error with a kind; each API family turns the kind into its own status code and body."""
+
+    def __init__(self, kind: Kind, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.code = code
+        self.recorded = False   # True once counted in metrics (errors of admitted requests are)
+
+    @property
+    def failure_reason(self) -> str | None:
+        return FAILURE_REASON[self.kind]
+
+    def status(self, family: Family) -> int:
+        return (TGI_STATUS if family == "tgi" else OPENAI_STATUS)[self.kind]
+
+    def body(self, family: Family) -> dict:
+        if family == "tgi":
+            return {"error": self.message, "error_type": TGI_TYPE[self.kind]}
+        return {"error": {"message": self.message, "type": OPENAI_TYPE[self.kind], "param": self.param,
+                          "code": self.code}}
+
+    def response(self, family: Family) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.kind in ("overloaded", "unavailable") else None
+        return JSONResponse(self.body(family), status_code=self.status(family), headers=headers)
+
+
+def from_engine_error(exc: Exception, prompt_param: str = "prompt") -> APIError:
+    """Map an exception raised by the engine (or SamplingParams) to an APIError."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloadedError):
+        return APIError("overloaded", str(exc) or "too many requests are waiting; retry later",
+                        code="too_many_waiting_requests")
+    if isinstance(exc, EngineDeadError):
+        return APIError("unavailable", f"the engine is not running: {exc}", code="engine_dead")
+    if isinstance(exc, InvalidRequestError):
+        param = prompt_param if exc.param == "prompt" else exc.param
+        return APIError("validation", str(exc), param=param)
+    if isinstance(exc, ValueError):
+        return APIError("validation", str(exc))
+    logger.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError("internal", f"internal error: {type(exc).__name__}: {exc}")
+
+
+def family_of(request: Request) -> Family:
+    """OpenAI shape under /v1, TGI shape everywhere else."""
+    return "openai" if request.url.path.startswith("/v1/") else "tgi"
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """Turn pydantic's error list into one readable message and the first offending field."""
+    parts, first = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or None
+        first = first or field
+        parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request body", first
+
+
+def _record(request: Request, error: APIError) -> None:
+    state = getattr(request.app.state, "kvserve", None)
+    if state is not None and error.failure_reason and not error.recorded:
+        state.record_failure(error.failure_reason)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    _record(request, exc)
+    return exc.response(family_of(request))
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, field = describe_validation_error(exc)
+    return await handle_api_error(request, APIError("validation", message, param=field))
+
+
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind: Kind = "not_found" if exc.status_code in (404, 405) else "validation"
+    error = APIError(kind, str(exc.detail))
+    response = JSONResponse(error.body(family_of(request)), status_code=exc.status_code)
+    return response
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return await handle_api_error(request, from_engine_error(exc))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register one handler per error class; the route's path picks the wire shape."""
+    app.add_exception_handler(APIError, handle_api_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(Exception, handle_unexpected)

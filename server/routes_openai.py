@@ -1,0 +1,301 @@
+"""OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kvserve.outputs import RequestOutput, TokenInfo
+from scheduler.sampling_params import SamplingParams
+from server.errors import APIError, from_engine_error
+from server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
+                                   ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
+                                   ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                   CompletionResponse, OpenAIErrorResponse, ModelCard, ModelList, PromptTokensDetails,
+                                   SamplingFields, Usage)
+from server.serving import EngineRequest, ServerState, StateDep, output_error
+from server.sse import DONE, KEEPALIVE, sse_event, sse_response
+from server.validation import finite, reject_unknown, reject_unsupported, resolve_max_tokens
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+OPENAI_FINISH = {"eos": "stop", "stop_token": "stop", "stop": "stop", "length": "length"}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIErrorResponse, "description": "invalid request"},
+    404: {"model": OpenAIErrorResponse, "description": "unknown model"},
+    429: {"model": OpenAIErrorResponse, "description": "too many requests waiting"},
+    503: {"model": OpenAIErrorResponse, "description": "loading, shutting down or engine dead"},
+    "4XX": {"model": OpenAIErrorResponse, "description": "every client error has this shape"},
+}
+ChunkFactory = Callable[[RequestOutput], list[dict]]
+
+
+def check_common(state: ServerState, body: SamplingFields) -> None:
+    """Checks both endpoints share: model name, n, unsupported and unknown fields."""
+    reject_unknown(body)
+    names = {state.served_model_name, getattr(state.engine, "model_id", None)}
+    if body.model is not None and body.model not in names:
+        raise APIError("not_found", f"the model `{body.model}` does not exist; this server serves "
+                       f"`{state.served_model_name}`", param="model", code="model_not_found")
+    reject_unsupported([
+        ("n", body.n, body.n not in (None, 1)),
+        ("logit_bias", body.logit_bias, bool(body.logit_bias)),
+    ])
+
+
+def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p or 1.0, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
+            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output)
+    except ValueError as exc:
+        raise APIError("validation", str(exc)) from exc
+
+
+def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
+    """Token ids of a completion prompt: a string, token ids, or a list holding one of those."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError("validation", f"only one prompt per request is supported, got {len(prompt)}",
+                           param="prompt")
+        prompt = prompt[0]
+    ids = state.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError("validation", "prompt must not be empty", param="prompt")
+    return ids
+
+
+def message_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """Render the messages with the model's chat template, then tokenize without extra specials."""
+    tokenizer = state.engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError("validation", "this model has no chat template; use /v1/completions instead",
+                       param="messages", code="no_chat_template")
+    messages = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
+                for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                                             **(body.chat_template_kwargs or {}))
+    except Exception as exc:  # jinja errors such as "roles must alternate"
+        raise APIError("validation", f"cannot apply the chat template: {exc}", param="messages") from exc
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_chat(body: ChatCompletionRequest) -> None:
+    tools_on = bool(body.tools) or body.tool_choice not in (None, "none")
+    text_format = body.response_format is None or body.response_format.get("type") == "text"
+    reject_unsupported([
+        ("tools", body.tools, tools_on),
+        ("response_format", body.response_format, not text_format),
+        ("top_logprobs", body.top_logprobs, bool(body.top_logprobs)),
+    ])
+
+
+def check_completion(body: CompletionRequest) -> None:
+    reject_unsupported([
+        ("suffix", body.suffix, body.suffix is not None),
+        ("best_of", body.best_of, body.best_of not in (None, 1)),
+        ("logprobs", body.logprobs, body.logprobs not in (None, 0)),
+        ("echo", body.echo, body.echo and body.logprobs is not None),
+    ])
+
+
+def usage(prompt_len: int, out: RequestOutput) -> Usage:
+    n = len(out.token_ids)
+    return Usage(prompt_tokens=prompt_len, completion_tokens=n, total_tokens=prompt_len + n,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return OPENAI_FINISH.get(out.finish_reason or "length", "length") if out.finished else None
+
+
+def completion_logprobs(tokens: list[TokenInfo], offset: int) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    for t in tokens:
+        result.tokens.append(t.text)
+        result.token_logprobs.append(finite(t.logprob))
+        result.text_offset.append(offset)
+        offset += len(t.text)
+    return result
+
+
+def chat_logprobs(tokens: list[TokenInfo]) -> ChatChoiceLogprobs:
+    return ChatChoiceLogprobs(content=[ChatLogprob(token=t.text, logprob=finite(t.logprob),
+                                                   bytes=list(t.text.encode())) for t in tokens])
+
+
+async def admit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:
+    engine_request = EngineRequest(state, prompt_ids, params, request_id)
+    await engine_request.start()
+    return engine_request
+
+
+async def sse_body(state: ServerState, engine_request: EngineRequest, chunks: ChunkFactory,
+                   usage_chunk: Callable[[RequestOutput], dict] | None, prologue: list[dict]) -> AsyncIterator[bytes]:
+    """`data:` chunks, an optional usage chunk, then [DONE]; an error ends the stream as an error event."""
+    try:
+        for chunk in prologue:
+            yield sse_event(chunk)
+        async for out in engine_request.outputs():
+            if out is None:
+                yield KEEPALIVE
+                continue
+            error = output_error(out, state.draining) if out.finished else None
+            if error is not None:
+                yield sse_event(error.body("openai"))
+                return
+            for chunk in chunks(out):
+                yield sse_event(chunk)
+            if out.finished and usage_chunk is not None:
+                yield sse_event(usage_chunk(out))
+        yield DONE
+    except APIError as error:
+        yield sse_event(error.body("openai"))
+    except Exception as exc:  # an error after the headers went out: report it as the last event
+        yield sse_event(from_engine_error(exc).body("openai"))
+    finally:
+        engine_request.close()
+
+
+def stream(state: ServerState, engine_request: EngineRequest, chunks: ChunkFactory,
+           usage_chunk: Callable[[RequestOutput], dict] | None, prologue: list[dict]) -> Response:
+    return sse_response(sse_body(state, engine_request, chunks, usage_chunk, prologue), on_close=engine_request.close)
+
+
+async def collect(state: ServerState, engine_request: EngineRequest,
+                  request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
+    result = await engine_request.collect(request)
+    if result is not None:
+        error = output_error(result[0], state.draining)
+        if error is not None:
+            raise error
+    return result
+
+
+def include_usage(body: SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def dump_chunk(chunk: CompletionResponse | ChatCompletionChunk, with_usage: bool) -> dict:
+    """A chunk dict: `usage` only when include_usage, chat deltas without null fields."""
+    data = chunk.model_dump(exclude={"usage"} if not with_usage else None)
+    for choice, model in zip(data["choices"], chunk.choices):
+        if isinstance(model, ChatChunkChoice):
+            choice["delta"] = model.delta.model_dump(exclude_none=True)
+    return data
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(state: StateDep) -> ModelList:
+    """The one served model."""
+    engine = state.require_engine()
+    card = ModelCard(id=state.served_model_name, created=int(state.info.get("started", time.time())),
+                     root=str(engine.model_id), max_model_len=engine.max_model_len)
+    return ModelList(data=[card])
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
+    """OpenAI text completion; `stream: true` answers `data:` chunks ending in `data: [DONE]`."""
+    check_common(state, body)
+    check_completion(body)
+    engine = state.require_engine()
+    prompt_ids = completion_prompt(state, body.prompt)
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
+                                    "max_tokens", "prompt")
+    engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens), f"cmpl-{uuid.uuid4().hex}")
+    echo = engine.tokenizer.decode(prompt_ids) if body.echo else ""
+    base = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    with_logprobs = body.logprobs is not None
+    if body.stream:
+        return stream_completion(state, engine_request, base, echo, with_logprobs, include_usage(body))
+    result = await collect(state, engine_request, request)
+    if result is None:
+        return Response(status_code=499)
+    out, tokens = result
+    choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out),
+                              logprobs=completion_logprobs(tokens, len(echo)) if with_logprobs else None)
+    response = CompletionResponse(**base, choices=[choice], usage=usage(len(prompt_ids), out))
+    return JSONResponse(response.model_dump())
+
+
+def stream_completion(state: ServerState, engine_request: EngineRequest, base: dict, echo: str,
+                      with_logprobs: bool, with_usage: bool) -> Response:
+    offset = [len(echo)]
+
+    def chunks(out: RequestOutput) -> list[dict]:
+        if not (out.new_text or out.finished or (with_logprobs and out.new_tokens)):
+            return []
+        logprobs = completion_logprobs(out.new_tokens, offset[0]) if with_logprobs else None
+        offset[0] += sum(len(t.text) for t in out.new_tokens)
+        choice = CompletionChoice(text=out.new_text, logprobs=logprobs, finish_reason=finish_reason(out))
+        return [dump_chunk(CompletionResponse(**base, choices=[choice]), with_usage)]
+
+    def usage_chunk(out: RequestOutput) -> dict:
+        return CompletionResponse(**base, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
+
+    prologue = [dump_chunk(CompletionResponse(**base, choices=[CompletionChoice(text=echo)]), with_usage)] if echo else []
+    return stream(state, engine_request, chunks, usage_chunk if with_usage else None, prologue)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+    """OpenAI chat completion via the model's chat template; 400 if the model has none."""
+    check_common(state, body)
+    check_chat(body)
+    engine = state.require_engine()
+    prompt_ids = chat_prompt(state, body)
+    requested = body.max_completion_tokens or body.max_tokens
+    name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, requested, None, name, "messages")
+    engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens),
+                                 f"chatcmpl-{uuid.uuid4().hex}")
+    base = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    if body.stream:
+        return stream_chat(state, engine_request, base, body.logprobs, include_usage(body))
+    result = await collect(state, engine_request, request)
+    if result is None:
+        return Response(status_code=499)
+    out, tokens = result
+    choice = ChatChoice(message=ChatResponseMessage(content=out.text), finish_reason=finish_reason(out),
+                        logprobs=chat_logprobs(tokens) if body.logprobs else None)
+    response = ChatCompletionResponse(**base, choices=[choice], usage=usage(len(prompt_ids), out))
+    return JSONResponse(response.model_dump())
+
+
+def stream_chat(state: ServerState, engine_request: EngineRequest, base: dict, with_logprobs: bool,
+                with_usage: bool) -> Response:
+    def chunk(choice: ChatChunkChoice) -> dict:
+        return dump_chunk(ChatCompletionChunk(**base, choices=[choice]), with_usage)
+
+    def chunks(out: RequestOutput) -> list[dict]:
+        result = []
+        if out.new_text or (with_logprobs and out.new_tokens):
+            logprobs = chat_logprobs(out.new_tokens) if with_logprobs else None
+            result.append(chunk(ChatChunkChoice(delta=ChatDelta(content=out.new_text), logprobs=logprobs)))
+        if out.finished:
+            result.append(chunk(ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(out))))
+        return result
+
+    def usage_chunk(out: RequestOutput) -> dict:
+        return ChatCompletionChunk(**base, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
+
+    prologue = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
+    return stream(state, engine_request, chunks, usage_chunk if with_usage else None, prologue)

@@ -1,0 +1,97 @@
+"""Request and response bodies of text-generation-inference's API (/generate, /generate_stream, /)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_SEQUENCES = 4
+DEFAULT_MAX_NEW_TOKENS = 100
+
+
+class GenerateParameters(BaseModel):
+    """TGI's `parameters`; typical_p, top_n_tokens, best_of, watermark, grammar only at their defaults."""
+    model_config = ConfigDict(extra="allow")
+
+    max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS}, "
+                                       "capped by what is left of max_model_len")
+    do_sample: bool = Field(False, description="sample instead of greedy; implied by temperature, "
+                            "top_k or top_p")
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1, description="not supported: only null or 1.0")
+    repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    details: bool = False
+    decoder_input_details: bool = Field(False, description="prefill tokens (ids and texts; their "
+                                        "logprobs are null: prompt log-probabilities are not computed)")
+    return_full_text: bool | None = False
+    truncate: int | None = Field(None, ge=1, description="keep only the last `truncate` prompt tokens")
+    top_n_tokens: int | None = Field(None, ge=0, description="not supported: only null or 0")
+    best_of: int | None = Field(None, ge=1, description="not supported: only null or 1")
+    watermark: bool = Field(False, description="not supported: only false")
+    grammar: Any = Field(None, description="not supported: only null")
+    adapter_id: str | None = Field(None, description="not supported: only null")
+    ignore_eos: bool = Field(False, description="kvserve extension: keep generating after EOS")
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Details(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[Any] = Field(default_factory=list)
+    best_of_sequences: list[Any] | None = None
+
+
+class GenerateResponse(BaseModel):
+    """`details` is present only when parameters.details is true."""
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    """One SSE `data:` event per token; the last one carries generated_text and details."""
+    index: int
+    token: Token
+    top_tokens: list[Any] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class TGIErrorResponse(BaseModel):
+    error: str
+    error_type: str

@@ -1,0 +1,222 @@
+"""Server state and one request's life: admission, outputs with keep-alive, disconnects, draining."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends
+from starlette.requests import Request
+
+from kvserve.outputs import RequestOutput, TokenInfo
+from scheduler.sampling_params import SamplingParams
+from server.errors import APIError, from_engine_error
+from server.sse import with_keepalive
+
+logger = logging.getLogger("kvserve.server")
+
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share: the engine (None while loading), metrics, drain flag, requests."""
+    served_model_name: str
+    engine: Any = None
+    metrics: Any = None
+    keepalive_interval: float = 5.0
+    draining: bool = False
+    load_error: str | None = None
+    info: dict = field(default_factory=dict)
+    inflight: dict[str, EngineRequest] = field(default_factory=dict)
+
+    def set_engine(self, engine: Any) -> None:
+        self.engine = engine
+        self.metrics = make_metrics(engine, self.served_model_name)
+
+    def health(self) -> tuple[bool, str]:
+        if self.load_error:
+            return False, f"model failed to load: {self.load_error}"
+        if self.engine is None:
+            return False, "loading"
+        if self.draining:
+            return False, "shutting down"
+        if not self.engine.is_running:
+            return False, f"engine died: {getattr(self.engine, 'dead_error', None)!r}"
+        return True, "ok"
+
+    def require_engine(self) -> Any:
+        """The engine, or a 503 APIError while loading, draining or dead."""
+        ok, why = self.health()
+        if not ok:
+            raise APIError("unavailable", f"the server cannot take requests: {why}", code="unavailable")
+        return self.engine
+
+    def record_failure(self, reason: str, request_id: str | None = None) -> None:
+        """Count a failure once per request id (the engine reports its aborts too)."""
+        if self.metrics is not None:
+            self.metrics.record_failure(reason, request_id)
+
+
+def make_metrics(engine: Any, model_name: str) -> Any:
+    """server.metrics.EngineMetrics for this engine, or None if that module is missing."""
+    try:
+        module = importlib.import_module("server.metrics")
+    except ImportError as exc:
+        logger.warning("metrics disabled: cannot import server.metrics (%s)", exc)
+        return None
+    return module.EngineMetrics(engine, model_name)
+
+
+def output_error(out: RequestOutput, draining: bool) -> APIError | None:
+    """The error a finished output carries: an engine failure or an abort."""
+    error = None
+    if out.error:
+        error = APIError("generation", f"generation failed: {out.error}", code="engine_error")
+    elif out.finish_reason == "abort":
+        why = "the server is shutting down" if draining else "the request was aborted"
+        error = APIError("unavailable", f"generation did not complete: {why}", code="aborted")
+    if error is not None:
+        error.recorded = True
+    return error
+
+
+class EngineRequest:
+    """One request submitted to the engine; iterate `outputs()` or `collect()` it, `close()` always."""
+
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        self.state = state
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.request_id = request_id
+        self.finished = False
+        self.closed = False
+        self._gen: AsyncIterator[RequestOutput] | None = None
+        self._first: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        """Validate and admit the request; raises APIError before any response byte is sent."""
+        engine = self.state.require_engine()
+        try:
+            engine.validate(self.prompt_ids, self.params)
+            self._gen = engine.generate(self.prompt_ids, self.params, request_id=self.request_id)
+            self._first = asyncio.ensure_future(anext(self._gen))
+            for _ in range(4):  # let the generator run up to its first wait: admitted or rejected
+                await asyncio.sleep(0)
+            if self._first.done() and self._first.exception() is not None:
+                raise self._first.exception()
+        except BaseException as exc:
+            self.close(record=False)
+            raise from_engine_error(exc) if isinstance(exc, Exception) else exc
+        self.state.inflight[self.request_id] = self
+
+    async def _source(self) -> AsyncIterator[RequestOutput]:
+        assert self._first is not None and self._gen is not None
+        yield await self._first
+        async for out in self._gen:
+            yield out
+
+    async def outputs(self) -> AsyncIterator[RequestOutput | None]:
+        """Incremental outputs; None marks a keep-alive tick. Raises APIError on failure."""
+        try:
+            async for out in with_keepalive(self._source(), self.state.keepalive_interval):
+                if out is not None and out.finished:
+                    self.finished = True
+                    self._record_finish(out)
+                yield out
+                if self.finished:
+                    return
+        except (APIError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            self.finished = True
+            error = from_engine_error(exc)
+            self.state.record_failure(error.failure_reason or "engine_error", self.request_id)
+            error.recorded = True
+            raise error from exc
+        finally:
+            self.close()
+
+    async def collect(self, http_request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
+        """Run to the end; None if the client disconnected first (the request is then aborted)."""
+        tokens: list[TokenInfo] = []
+        last: list[RequestOutput] = []
+
+        async def consume() -> None:
+            async for out in self.outputs():
+                if out is not None:
+                    tokens.extend(out.new_tokens)
+                    last[:] = [out]
+
+        task = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(wait_disconnected(http_request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task.cancelled():
+            return None
+        task.result()
+        return last[0], tokens
+
+    def _record_finish(self, out: RequestOutput) -> None:
+        if out.error:
+            self.state.record_failure("engine_error", self.request_id)
+        elif out.finish_reason == "abort":
+            self.state.record_failure("timeout" if self.state.draining else "aborted", self.request_id)
+
+    def close(self, record: bool = True) -> None:
+        """Abort the request unless it finished; safe to call many times, from any cleanup path."""
+        if self.closed:
+            return
+        self.closed = True
+        self.state.inflight.pop(self.request_id, None)
+        if self._first is not None and not self._first.done():
+            self._first.cancel()
+        if self.finished or self._gen is None:
+            return
+        if record:
+            self.state.record_failure("aborted", self.request_id)
+        with contextlib.suppress(Exception):
+            self.state.engine.abort(self.request_id)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.kvserve
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+async def wait_disconnected(request: Request) -> None:
+    """Return once the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def drain(state: ServerState, timeout: float) -> None:
+    """Stop admitting, give in-flight requests `timeout` seconds, then abort what is left."""
+    state.draining = True
+    deadline = time.monotonic() + timeout
+    logger.info("draining: %d request(s) in flight, waiting up to %.1f s", len(state.inflight), timeout)
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if not state.inflight:
+        logger.info("drained: no request in flight")
+        return
+    logger.warning("shutdown timeout: aborting %d request(s)", len(state.inflight))
+    for request_id in list(state.inflight):
+        state.record_failure("timeout", request_id)
+        state.engine.abort(request_id)
+    deadline = time.monotonic() + 2.0
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -1,0 +1,152 @@
+"""Server lifecycle end to end: the CLI, 429 backpressure under a flood, SSE keep-alive while queued,
+and SIGTERM draining (in-flight streams finish, stragglers get an error event, exit status 0)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import httpx
+import pytest
+
+from test_server_api import ROOT, Server, sse_events, start_server, stop_server, wait_until
+
+SHUTDOWN_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server-lifecycle") / "kvserve.log"
+    s = start_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-num-seqs", "2",
+                     "--max-waiting-requests", "2", "--sse-keepalive", "0.2",
+                     "--shutdown-timeout", str(SHUTDOWN_TIMEOUT))
+    yield s
+    stop_server(s)
+
+
+def test_serve_help_names_flags_and_env_vars():
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout
+    for flag in ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
+                 "kv-cache-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
+                 "max-model-len", "no-prefix-caching", "max-waiting-requests", "shutdown-timeout", "log-level"):
+        assert f"--{flag}" in out and "KVSERVE_" + flag.upper().replace("-", "_") in out, flag
+
+
+def test_subcommands_can_be_registered(tmp_path, monkeypatch):
+    from server import cli
+    (tmp_path / "hello_cmd.py").write_text("def main(argv):\n    return 7 if argv == ['--x', 'y'] else 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "hello", cli.Subcommand("hello_cmd", "say hello"))
+    assert cli.main(["hello", "--x", "y"]) == 7
+    monkeypatch.setitem(cli.SUBCOMMANDS, "missing", cli.Subcommand("no_such_module.cli", "absent"))
+    assert cli.main(["missing"]) == 2
+
+
+def overloaded_count(server: Server) -> float:
+    text = httpx.get(f"{server.base}/metrics", timeout=5).text
+    line = next(x for x in text.splitlines() if x.startswith("kvserve_request_failure_total") and "overloaded" in x)
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_flood_gets_429_in_each_api_shape_and_never_5xx(server):
+    async def openai(client: httpx.AsyncClient, i: int, stream: bool) -> httpx.Response:
+        body = {"prompt": f"flood {i}", "max_tokens": 4, "stream": stream}
+        r = await client.post("/v1/completions", json=body)
+        return r
+
+    async def tgi(client: httpx.AsyncClient, i: int, stream: bool) -> httpx.Response:
+        path = "/generate_stream" if stream else "/generate"
+        return await client.post(path, json={"inputs": f"flood {i}", "parameters": {"max_new_tokens": 4}})
+
+    async def main() -> list[tuple[str, httpx.Response]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.base, timeout=60, limits=limits) as client:
+            calls = [(api, f(client, i, i % 3 == 0)) for i in range(12) for api, f in (("openai", openai),
+                                                                                         ("tgi", tgi))]
+            responses = await asyncio.gather(*(call for _, call in calls))
+            return [(api, r) for (api, _), r in zip(calls, responses)]
+
+    results = asyncio.run(main())
+    codes = Counter(r.status_code for _, r in results)
+    assert set(codes) <= {200, 429} and codes[429] > 0 and codes[200] >= 2, codes
+    for api, r in results:
+        if r.status_code == 429:
+            body = r.json()
+            if api == "tgi":
+                assert body["error_type"] == "overloaded" and body["error"]
+            else:
+                assert body["error"]["type"] == "rate_limit_error" and body["error"]["message"]
+    assert overloaded_count(server) >= codes[429]
+
+
+def test_keepalive_comments_while_waiting_for_first_token(server):
+    async def main() -> None:
+        long = {"inputs": "occupy", "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+        async with httpx.AsyncClient(base_url=server.base, timeout=60) as client:
+            async with client.stream("POST", "/generate_stream", json=long) as a, \
+                    client.stream("POST", "/generate_stream", json=long) as b:
+                first_a, first_b = a.aiter_lines(), b.aiter_lines()
+                assert (await anext(first_a)).startswith("data:") and (await anext(first_b)).startswith("data:")
+                queued = {"model": "demo", "prompt": "queued", "max_tokens": 3, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=queued) as c:
+                    assert c.status_code == 200
+                    lines = c.aiter_lines()
+                    line = await asyncio.wait_for(anext(lines), 10)
+                    assert line == ": keep-alive", line
+                    await a.aclose()
+                    await b.aclose()   # frees both slots: the queued request runs
+                    events, comments = sse_events([line, *[x async for x in lines]])
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+
+    asyncio.run(main())
+
+
+def test_sigterm_drains_then_exits_zero(server):
+    assert wait_until(lambda: server.stats()["num_running"] == 0, 10)
+
+    async def read(client: httpx.AsyncClient, body: dict, started: asyncio.Event) -> list:
+        async with client.stream("POST", "/generate_stream", json=body) as r:
+            lines = []
+            async for line in r.aiter_lines():
+                lines.append(line)
+                if line.startswith("data:"):
+                    started.set()
+            return sse_events(lines)[0]
+
+    async def main() -> tuple[list, list, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base, timeout=60) as client:
+            short_started, long_started = asyncio.Event(), asyncio.Event()
+            short = asyncio.create_task(read(client, {"inputs": "short", "parameters": {"max_new_tokens": 6}},
+                                             short_started))
+            long = asyncio.create_task(read(client, {"inputs": "long", "parameters": {"max_new_tokens": 1000,
+                                                                                    "ignore_eos": True}},
+                                            long_started))
+            await asyncio.wait_for(asyncio.gather(short_started.wait(), long_started.wait()), 20)
+            server.proc.send_signal(signal.SIGTERM)
+            async with httpx.AsyncClient(base_url=server.base, timeout=10) as other:
+                health = await retry_until_503(other, "GET", "/health")
+                refused = await other.post("/generate", json={"inputs": "new"})
+            return await short, await long, health, refused
+
+    short, long, health, refused = asyncio.run(main())
+    assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+    assert refused.status_code == 503 and refused.json()["error_type"] == "unavailable"
+    assert short[-1]["details"]["generated_tokens"] == 6
+    assert short[-1]["generated_text"] == "".join(e["token"]["text"] for e in short)
+    assert long[-1].get("error_type") == "unavailable" and "shutting down" in long[-1]["error"]
+    assert all("token" in e for e in long[:-1])
+    assert server.proc.wait(timeout=SHUTDOWN_TIMEOUT + 20) == 0, server.log_tail()
+
+
+async def retry_until_503(client: httpx.AsyncClient, method: str, path: str) -> httpx.Response:
+    """The signal is handled asynchronously: poll (bounded) until the server reports draining."""
+    for _ in range(100):
+        r = await client.request(method, path)
+        if r.status_code == 503:
+            return r
+        await asyncio.sleep(0.02)
+    return r
