@@ -1,0 +1,165 @@
+"""Property-based tests of the block allocator and prefix cache (hypothesis state machines).
+
+A model of the KV contents rides along: every slot records the token written there, so a prefix
+hit must hand back blocks that hold exactly the tokens of the prefix it claims to match.
+"""
+from __future__ import annotations
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+
+from cache.block_pool import BlockPool
+from cache.kv_cache_manager import KVCacheManager
+
+BLOCK = 4
+NUM_BLOCKS = 16
+BASES = ([], [1, 2, 3, 0, 1, 2], [3, 3, 1, 0, 2, 2, 1, 3, 0])
+# prompts built on a few shared bases, so repeated prompts and shared prefixes come up often
+TOKENS = st.builds(lambda base, tail: BASES[base] + tail, st.integers(0, len(BASES) - 1),
+                   st.lists(st.integers(0, 3), max_size=8)).filter(bool)
+
+
+class KVCacheMachine(RuleBasedStateMachine):
+    seqs = Bundle("seqs")
+
+    def __init__(self):
+        super().__init__()
+        self.kv = KVCacheManager(NUM_BLOCKS, BLOCK, enable_caching=True, hash_seed=b"model")
+        self.content: dict[int, list[int | None]] = {b: [None] * BLOCK for b in range(NUM_BLOCKS)}
+        self.tokens: dict[int, list[int]] = {}
+        self.computed: dict[int, int] = {}
+        self.next_id = 0
+
+    def _write(self, sid: int, start: int, end: int) -> None:
+        """What the runner does: write K/V (here: the token) of positions [start, end)."""
+        table = self.kv.block_ids(sid)
+        for pos in range(start, end):
+            block = table[pos // BLOCK]
+            assert self.kv.pool.blocks[block].ref_cnt == 1, "wrote into a shared block"
+            self.content[block][pos % BLOCK] = self.tokens[sid][pos]
+        self.computed[sid] = end
+        self.kv.cache_full_blocks(sid, self.tokens[sid], end)
+
+    def _apply_copies(self) -> None:
+        for src, dst in self.kv.take_pending_copies():
+            self.content[dst] = list(self.content[src])
+
+    @rule(target=seqs, prompt=TOKENS, chunk=st.integers(1, 14))
+    def add(self, prompt, chunk):
+        sid, self.next_id = self.next_id, self.next_id + 1
+        hits = self.kv.find_cached_prefix(sid, prompt)
+        num_hit = len(hits) * BLOCK
+        assert num_hit < len(prompt), "the last prompt token must always be recomputed"
+        for i, block in enumerate(hits):
+            assert self.content[block.block_id] == prompt[i * BLOCK:(i + 1) * BLOCK], "stale prefix hit"
+        self.tokens[sid] = list(prompt)
+        end = min(len(prompt), num_hit + chunk)   # chunked prefill: maybe only part of the prompt
+        if not self.kv.allocate_slots(sid, num_hit, end - num_hit, hits):
+            assert sid not in self.kv.block_tables
+            del self.tokens[sid]
+            return None
+        self._write(sid, num_hit, end)
+        return sid
+
+    @rule(sid=seqs, token=st.integers(0, 3))
+    def append(self, sid, token):
+        if sid is None or sid not in self.kv.block_tables:
+            return
+        start = self.computed[sid]
+        if start < len(self.tokens[sid]):          # finish a chunked prefill first
+            if self.kv.allocate_slots(sid, start, len(self.tokens[sid]) - start):
+                self._apply_copies()
+                self._write(sid, start, len(self.tokens[sid]))
+            return
+        self.tokens[sid].append(token)
+        if self.kv.allocate_slots(sid, self.computed[sid], 1):
+            self._apply_copies()
+            self._write(sid, self.computed[sid], self.computed[sid] + 1)
+        else:
+            self.tokens[sid].pop()
+
+    @rule(target=seqs, parent=seqs)
+    def fork(self, parent):
+        if parent is None or parent not in self.kv.block_tables:
+            return None
+        sid, self.next_id = self.next_id, self.next_id + 1
+        self.kv.fork(parent, sid)
+        self.tokens[sid] = list(self.tokens[parent])
+        self.computed[sid] = self.computed[parent]
+        return sid
+
+    @rule(sid=consumes(seqs))
+    def free(self, sid):
+        if sid is not None and sid in self.kv.block_tables:
+            self.kv.free(sid)
+
+    @rule()
+    @precondition(lambda self: self.kv.pool.num_free > 0)
+    def evict_one(self):
+        """Take a fresh block the way any allocation would, then give it back."""
+        block = self.kv.pool.allocate()
+        self.content[block.block_id] = [None] * BLOCK
+        self.kv.pool.free(block)
+
+    @invariant()
+    def refcounts_match_tables(self):
+        holders = [0] * NUM_BLOCKS
+        for table in self.kv.block_tables.values():
+            for block in table:
+                holders[block.block_id] += 1
+        pool = self.kv.pool
+        for block in pool.blocks:
+            assert block.ref_cnt == holders[block.block_id], "a block is held by more tables than its count"
+            assert (block.ref_cnt == 0) == (block.block_id in pool.free_queue)
+        assert pool.num_used + pool.num_free == NUM_BLOCKS
+        assert pool.num_cached_free == sum(1 for b in pool.free_queue if pool.blocks[b].block_hash)
+        for h, block_id in pool.cached.items():
+            assert pool.blocks[block_id].block_hash == h
+
+    @invariant()
+    def tables_cover_computed_tokens(self):
+        for sid, table in self.kv.block_tables.items():
+            assert len(table) * BLOCK >= self.computed[sid]
+
+    def teardown(self):
+        for sid in list(self.kv.block_tables):
+            self.kv.free(sid)
+        pool = self.kv.pool
+        assert pool.num_free == NUM_BLOCKS and pool.num_used == 0
+        assert all(b.ref_cnt == 0 for b in pool.blocks)
+
+
+TestKVCacheManager = KVCacheMachine.TestCase
+TestKVCacheManager.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_lru_evicts_least_recently_freed_first():
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    for block, h in ((a, b"a"), (b, b"b"), (c, b"c")):
+        pool.cache(block, h)
+    pool.free(b)
+    pool.free(a)
+    pool.free(c)
+    assert pool.allocate() is b and pool.lookup(b"b") is None
+    assert pool.lookup(b"a") is a and pool.lookup(b"c") is c
+    pool.touch(a)                      # a prefix hit takes a back out of the free queue
+    assert pool.allocate() is c and pool.num_free == 0
+
+
+def test_allocation_is_all_or_nothing():
+    kv = KVCacheManager(4, BLOCK)
+    assert kv.allocate_slots("a", 0, 3 * BLOCK)
+    assert not kv.allocate_slots("b", 0, 2 * BLOCK + 1)
+    assert "b" not in kv.block_tables and kv.num_free_blocks == 1
+    kv.free("a")
+    assert kv.num_free_blocks == 4
+
+
+def test_prefix_caching_off_finds_nothing():
+    kv = KVCacheManager(8, BLOCK, enable_caching=False)
+    tokens = list(range(12))
+    assert kv.allocate_slots("a", 0, 12)
+    kv.cache_full_blocks("a", tokens, 12)
+    kv.free("a")
+    assert kv.find_cached_prefix("b", tokens) == []
