@@ -27,7 +27,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()           # guards engine state against stats() readers
+        self._lock = threading.RLock()          # guards engine state; listeners may call stats()
         self._adds_sent = 0                     # written by callers only
         self._adds_taken = 0                    # written by the engine thread only
         self._thread: threading.Thread | None = None
