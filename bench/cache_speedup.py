@@ -16,6 +16,7 @@ HELP = "one stream, short prompt, growing outputs: kvserve vs generate(use_cache
 SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
 LABELS = {"kvserve": "kvserve", "generate_cache": "generate(use_cache=True)",
           "generate_no_cache": "generate(use_cache=False)"}
+SHORT = {"kvserve": "kvserve", "generate_cache": "cache", "generate_no_cache": "no-cache"}
 log = logging.getLogger("bench")
 
 
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--lengths", type=int_list, default=[50, 100, 200, 300, 500],
-                   help="new-token counts, comma separated (default 50,100,200,300,500)")
+                   help="new-token counts, comma separated")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     p.add_argument("--repeats", type=int, default=1, help="runs per point; the median is reported")
 
@@ -88,19 +89,20 @@ def _time_system(system: str, args, path, prompt: list[int]) -> dict[int, float]
 
 
 def _report(args, machine, times: dict[str, dict[int, float]]) -> None:
-    headers = ["new tokens"] + [f"{LABELS[s]} s" for s in times]
+    headers = ["new tokens"] + [f"{SHORT[s]} s" for s in times]
     speedups = [("generate_no_cache", "generate_cache"), ("generate_no_cache", "kvserve"),
                 ("generate_cache", "kvserve")]
     speedups = [(a, b) for a, b in speedups if a in times and b in times]
-    headers += [f"{LABELS[b]} vs {LABELS[a]}" for a, b in speedups]
+    headers += [f"{SHORT[b]} vs {SHORT[a]}" for a, b in speedups]
     rows = []
     for n in args.lengths:
         rows.append([n] + [times[s][n] for s in times] + [f"{ratio(times[a][n], times[b][n]):.2f}x"
                                                           for a, b in speedups])
     print()
     print_table(headers, rows, title=f"cache-speedup: one stream, {args.prompt_len}-token prompt, greedy, "
-                                     f"{args.dtype} on {args.device}, model {args.model_shape} (seconds; speedup = "
-                                     f"slower time / faster time)")
+                                     f"{args.dtype} on {args.device}, model {args.model_shape}; cache = "
+                                     f"generate(use_cache=True), no-cache = generate(use_cache=False); seconds, "
+                                     f"and speedup = time of the second / time of the first")
     print(f"machine: {common.machine_line(machine)}")
     payload = {"benchmark": NAME, "machine": machine,
                "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},

@@ -38,9 +38,8 @@ def setup_logging(verbose: bool = False) -> None:
 def add_common_args(p: argparse.ArgumentParser, *, shape: str = "llama-small") -> None:
     g = p.add_argument_group("common")
     g.add_argument("--model-shape", default=shape,
-                   help=f"named random-weight shape (see `python -m bench models`) or a local model folder "
-                        f"(default {shape})")
-    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto)")
+                   help="named random-weight shape (see `python -m bench models`) or a local model folder")
+    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--seed", type=int, default=0)

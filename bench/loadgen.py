@@ -173,11 +173,13 @@ def summarize_point(outcomes: list[Outcome], duration: float) -> dict:
     ok = [o for o in outcomes if o.ok]
     errors = [o.error for o in outcomes if not o.ok]
     out_tokens = sum(o.output_tokens for o in ok)
+    chunks = sum(len(o.token_times) for o in ok)
     return {
         "requests": len(outcomes), "completed": len(ok), "errors": len(errors),
         "error_samples": sorted(set(errors))[:3], "duration_s": duration,
         "request_throughput": len(ok) / duration if duration else math.nan,
-        "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / duration if duration else math.nan,
+        "output_tokens": out_tokens, "tokens_per_chunk": out_tokens / chunks if chunks else math.nan,
+        "output_tokens_per_s": out_tokens / duration if duration else math.nan,
         "ttft_s": summarize([o.ttft for o in ok]),
         "tpot_s": summarize([o.tpot for o in ok if o.tpot is not None]),
         "itl_s": summarize([x for o in ok for x in o.itls]),

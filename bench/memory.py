@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--budget-tokens", type=int, default=8192,
-                   help="fixed KV budget (tokens) for the sequences-that-fit comparison (default 8192)")
+                   help="fixed KV budget (tokens) for the sequences-that-fit comparison")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ SHAPES: dict[str, ModelShape] = {s.name: s for s in [
     ModelShape("tiny", "llama", "Llama architecture, hidden 64, 2 layers, 4 heads, 2 kv heads, "
                "intermediate 128, vocab 512 (development only)", _llama(64, 2, 4, 2, 128, 512)),
     ModelShape("llama-small", "llama", "Llama architecture at SmolLM-135M width with 8 layers: hidden 576, "
-               "8 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152 (~64M parameters)",
+               "8 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, untied (85M parameters)",
                _llama(576, 8, 9, 3, 1536, 49152)),
     ModelShape("smollm-135m", "llama", "SmolLM-135M shape (Llama): hidden 576, 30 layers, 9 heads, 3 kv heads, "
                "intermediate 1536, vocab 49152, tied embeddings",

@@ -22,8 +22,8 @@ log = logging.getLogger("bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     p.add_argument("--histories", type=int_list, default=[256, 512, 1024, 2000, 4096],
-                   help="turn-1 prompt lengths in tokens (default 256,512,1024,2000,4096)")
-    p.add_argument("--turns", type=int, default=3, help="turns per conversation (default 3)")
+                   help="turn-1 prompt lengths in tokens")
+    p.add_argument("--turns", type=int, default=3, help="turns per conversation")
     p.add_argument("--answer-len", type=int, default=32, help="assistant tokens appended after each turn")
     p.add_argument("--user-len", type=int, default=32, help="new user tokens in each later turn")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="kvserve max_num_batched_tokens")

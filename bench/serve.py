@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "servers' p99 TTFT at the lightest load, at least 1 s)")
     g.add_argument("--request-timeout", type=float, default=600.0)
     g = p.add_argument_group("server sizing (same for both launched servers)")
-    g.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks of 16 tokens (default 2048 = 32k tokens)")
+    g.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
     g.add_argument("--max-batch-tokens", type=int, default=2048)
     g.add_argument("--hf-page-size", type=int, default=256, help="transformers serve --cb-block-size")
 

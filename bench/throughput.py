@@ -21,11 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     g = p.add_argument_group("workload")
     g.add_argument("--num-requests", type=int, default=64)
-    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), help="uniform range lo:hi (default 32:512)")
-    g.add_argument("--output-len", type=parse_range, default=(16, 256), help="uniform range lo:hi (default 16:256)")
+    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), help="uniform range lo:hi")
+    g.add_argument("--output-len", type=parse_range, default=(16, 256), help="uniform range lo:hi")
     g.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     g = p.add_argument_group("systems")
-    g.add_argument("--batch-size", type=int, default=8, help="generate() static batch size (default 8)")
+    g.add_argument("--batch-size", type=int, default=8, help="generate() static batch size")
     g.add_argument("--max-batch-tokens", type=int, default=2048,
                    help="tokens per step for kvserve (max_num_batched_tokens) and generate_batch (max_batch_tokens)")
     g.add_argument("--block-size", type=int, default=16, help="kvserve KV block size")
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the same number of KV token slots")
     g.add_argument("--max-num-seqs", type=int, default=256, help="kvserve max_num_seqs")
     g.add_argument("--hf-page-size", type=int, default=256, help="generate_batch page size (its default, 256)")
-    g.add_argument("--warmup", type=int, default=2, help="warm-up requests per system before timing (default 2)")
+    g.add_argument("--warmup", type=int, default=2, help="warm-up requests per system before timing")
     g = p.add_argument_group("profiling")
     g.add_argument("--profile", action="store_true",
                    help="also profile kvserve on a small slice and print where the step time goes")
