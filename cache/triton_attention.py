@@ -1,0 +1,441 @@
+"""Triton kernels for the paged KV cache: store_kv, split-K paged decode, varlen paged prefill.
+
+Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; token p of a sequence
+lives at slot block_table[p // block_size] * block_size + p % block_size.
+
+Grid design:
+- store_kv: one program per token, writing all its KV heads (slot -1 is skipped).
+- decode: grid (num_seqs, num_kv_heads, num_splits). A program holds the whole query-head group
+  of one KV head as the M rows of a tl.dot (padded to 16), so each K/V tile is loaded once per
+  group. The visible context [max(0, len - window), len) is cut into num_splits equal,
+  BLOCK_N-aligned parts (flash-decoding); each program writes an unnormalised partial output
+  plus its running max and sum, and a reduce kernel with grid (num_seqs, num_heads) merges them
+  by log-sum-exp. With one split the decode kernel writes the output directly.
+- prefill: grid (q_tiles, num_seqs, num_kv_heads). The M rows of a tile are (token, group head)
+  pairs, so GQA groups share each K/V tile and a length-1 chunk (a decode token) still fills
+  GROUP rows; online softmax over BLOCK_N-token KV tiles gathered through the block table, with
+  causal, sliding-window and padding masks. One launch covers a mixed prefill/decode batch.
+Both attention kernels share _attend_tile: full KV tiles load without masks, only the tail tile
+masks; softmax runs in base 2 with float32 accumulators. Block sizes 8/16/32 and any head_dim
+(padded to a power of two) work, since KV tiles gather tokens one by one through the block table.
+Nothing is fused with store_kv yet: paged_attention_fused is store_kv followed by the varlen
+kernel (two launches). num_splits=None picks splits from block_tables.shape[1] (no device sync).
+"""
+
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # keeps the module importable; is_available() reports False
+    triton = None
+
+    class tl:  # noqa: N801 - only what the kernel signatures below touch at definition time
+        constexpr = None
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+_LOG2E = 1.4426950408889634
+# Tiles for 16-bit caches, checked free of register spills when compiled for sm_90; float32 (an FMA
+# dot, a correctness path rather than a serving one) needs smaller tiles to stay near spill-free.
+_DECODE_CONFIG = {"half": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+                  "float32": dict(BLOCK_N=32, num_warps=8, num_stages=2)}
+_PREFILL_CONFIG = {"half": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                   "float32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)}
+_OFFSET_64_FROM = 2**31  # cache elements from which offsets into it need int64
+
+
+def is_available() -> bool:
+    """Triton is importable and can run: on a CUDA device, or on CPU through TRITON_INTERPRET=1."""
+    if triton is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@_jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    src_k = token.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+    src_v = token.to(tl.int64) * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+    dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :]
+    tl.store(k_cache_ptr + dst, tl.load(key_ptr + src_k, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(value_ptr + src_v, mask=mask), mask=mask)
+
+
+@_jit
+def _tanh(x):
+    t = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]: never overflows
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@_jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bfloat16 operands as raw uint16 bits, so it gets float32 copies.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@_jit
+def _attend_block(
+    q, qpos, row_valid, acc, m, l, n0, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
+    stride_kb, stride_kt, score_scale, cap_scale, window,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    MASK_N: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N); only a tail block (MASK_N) masks its loads."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if MASK_N:
+        n_mask = offs_n < end
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    else:
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+    if OFFSET_64:
+        block = block.to(tl.int64)
+    kv_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + kv_off_head
+    kv_ptrs = kv_off[:, None] + offs_d[None, :]
+    if MASK_N:
+        kv_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs)
+        v = tl.load(v_cache_ptr + kv_ptrs)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST)
+    if USE_SOFTCAP:
+        s = _tanh(s * score_scale) * cap_scale
+    else:
+        s = s * score_scale
+    visible = row_valid[:, None] & (offs_n[None, :] <= qpos[:, None])
+    if MASK_N:
+        visible = visible & n_mask[None, :]
+    if USE_WINDOW:
+        visible = visible & (offs_n[None, :] > qpos[:, None] - window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+    return acc, m_new, l
+
+
+@_jit
+def _attend_tile(
+    q, qpos, row_valid, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+    stride_kb, stride_kt, stride_kh, start, end,
+    score_scale, cap_scale, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, OFFSET_64: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Online softmax of rows q (positions qpos) over keys [start, end); returns acc, max, sum in base 2."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_off_head = kv_head * stride_kh
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m, l = _attend_block(
+            q, qpos, row_valid, acc, m, l, n0, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
+            stride_kb, stride_kt, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
+            False, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+        )
+    if full_end < end:
+        acc, m, l = _attend_block(
+            q, qpos, row_valid, acc, m, l, full_end, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
+            stride_kb, stride_kt, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
+            True, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+        )
+    return acc, m, l
+
+
+@_jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    stride_qs, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_os, stride_oh,
+    score_scale, cap_scale, window, num_splits,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = 0
+    if USE_WINDOW:
+        ctx_start = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - ctx_start, num_splits), BLOCK_N) * BLOCK_N
+    start = ctx_start + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < GROUP
+    heads = kv_head * GROUP + rows
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_off = seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=mask, other=0.0)
+    qpos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
+    acc, m, l = _attend_tile(
+        q, qpos, row_valid, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * stride_bt,
+        kv_head, stride_kb, stride_kt, stride_kh, start, end, score_scale, cap_scale, window,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+    )
+    if SPLIT:
+        part = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split
+        tl.store(part_m_ptr + part, m, mask=row_valid)
+        tl.store(part_l_ptr + part, l, mask=row_valid)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask)
+    else:
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        o_off = seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_os, stride_oh, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    part = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(weight * l, 0)
+    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    o_off = seq.to(tl.int64) * stride_os + head * stride_oh + offs_d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@_jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
+    stride_qt, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
+    score_scale, cap_scale, window,
+    GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    tok0 = tile * TOKENS_PER_TILE
+    if tok0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len + tok0
+    end = seq_len - q_len + tl.minimum(tok0 + TOKENS_PER_TILE, q_len)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(first_pos - window + 1, 0)
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = tok0 + rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < TOKENS_PER_TILE * GROUP) & (tok < q_len)
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    token = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask, other=0.0)
+    acc, m, l = _attend_tile(
+        q, first_pos + rows // GROUP, row_valid, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt,
+        kv_head, stride_kb, stride_kt, stride_kh, start, end, score_scale, cap_scale, window,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+    )
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    o_off = token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "cache is [blocks, block_size, kv_heads, head_dim]"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v caches must share a contiguous layout"
+
+
+def _score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(multiplier before tanh, multiplier after it), folding in log2(e) for exp2."""
+    if softcap:
+        return scale / softcap, softcap * _LOG2E
+    return scale * _LOG2E, 1.0
+
+
+def _config(table: dict, dtype: torch.dtype) -> dict:
+    return dict(table["float32" if dtype == torch.float32 else "half"])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and type(_decode_kernel).__name__ == "InterpretedFunction"
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_num_splits(query: torch.Tensor, num_kv_heads: int, max_context: int) -> int:
+    """Enough splits to give ~2 programs per SM, each over at least 256 tokens; no device sync."""
+    sms = _sm_count(query.device) if query.is_cuda else 8
+    programs = query.shape[0] * num_kv_heads
+    wanted = math.ceil(2 * sms / max(programs, 1))
+    return max(1, min(wanted, max_context // 256, 32))
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping (-1 skips)."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    assert value.shape == key.shape and key.stride(-1) == 1 and value.stride(-1) == 1
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and slot_mapping.shape == (num_tokens,)
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
+    )
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """One query token per sequence at position seq_lens[i] - 1; returns [num_seqs, num_heads, head_dim]."""
+    _check_cache(k_cache, v_cache)
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if num_seqs == 0:
+        return out
+    max_context = block_tables.shape[1] * block_size
+    if sliding_window:
+        max_context = min(max_context, sliding_window)
+    if num_splits is None:
+        num_splits = _auto_num_splits(query, num_kv_heads, max_context)
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_out = part_m = part_l = out
+    score_scale, cap_scale = _score_scales(scale, softcap)
+    block_d = max(16, _next_pow2(head_dim))
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
+        query.stride(0), query.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        score_scale, cap_scale, sliding_window or 0, num_splits,
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=max(16, _next_pow2(group)), BLOCK_D=block_d,
+        SPLIT=split, OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(sliding_window), DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype),
+        **_config(_DECODE_CONFIG, query.dtype),
+    )
+    if split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_next_pow2(num_splits), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                            max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Varlen causal attention: sequence i's queries are the last q_len of its seq_lens[i] positions."""
+    _check_cache(k_cache, v_cache)
+    total_q, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    group = num_heads // num_kv_heads
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if total_q == 0 or num_seqs == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    config = _config(_PREFILL_CONFIG, query.dtype)
+    block_m = max(16, min(config.pop("BLOCK_M"), _next_pow2(max_seqlen_q * group)), _next_pow2(group))
+    tokens_per_tile = block_m // group
+    score_scale, cap_scale = _score_scales(scale, softcap)
+    grid = (triton.cdiv(max_seqlen_q, tokens_per_tile), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        query.stride(0), query.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        score_scale, cap_scale, sliding_window or 0,
+        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_D=max(16, _next_pow2(head_dim)), OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM,
+        USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
+        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype), **config,
+    )
+    return out
+
+
+def paged_attention_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                          scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                          max_seqlen_q: int | None = None) -> torch.Tensor:
+    """store_kv then paged_prefill_attention for a mixed batch: one call, two launches (not one kernel)."""
+    store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return paged_prefill_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                                   sliding_window, softcap, max_seqlen_q)
