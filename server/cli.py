@@ -121,19 +121,24 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, bool]:
     return path, args.served_model_name or DEMO_SERVED_NAME, True
 
 
-def engine_loader(args: argparse.Namespace, model: str) -> Callable[[], Any]:
+def engine_config(args: argparse.Namespace, model: str) -> Any:
+    """The EngineConfig for these flags; raises ValueError on inconsistent values (before any loading)."""
+    from kvserve.config import EngineConfig
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching)
+
+
+def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:
     """A function that builds the AsyncEngine (the slow part: loading weights, sizing the KV pool)."""
     def load() -> Any:
-        logger.info("loading model %s (dtype %s, device %s): importing torch and transformers", model,
-                    args.dtype, args.device)
-        from kvserve import AsyncEngine, EngineConfig
-        config = EngineConfig(
-            model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-            num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-            gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching)
-        return AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+        logger.info("loading model %s (dtype %s, device %s): importing torch and transformers", config.model,
+                    config.dtype, config.device)
+        from kvserve import AsyncEngine
+        return AsyncEngine(config, max_waiting_requests=max_waiting_requests)
     return load
 
 
@@ -145,9 +150,8 @@ def limits(args: argparse.Namespace) -> dict:
             "model_dtype": args.dtype, "model_device_type": args.device}
 
 
-def make_server(args: argparse.Namespace) -> DrainingServer:
+def make_server(args: argparse.Namespace, config: Any, served_name: str, demo: bool) -> DrainingServer:
     from server.app import create_app
-    model, served_name, demo = resolve_model(args)
     server: DrainingServer | None = None
 
     def on_load_error(exc: BaseException) -> None:
@@ -155,18 +159,25 @@ def make_server(args: argparse.Namespace) -> DrainingServer:
         server.exit_code = 1
         server.should_exit = True
 
-    app = create_app(None, served_name, loader=engine_loader(args, model), keepalive_interval=args.sse_keepalive,
+    app = create_app(None, served_name, loader=engine_loader(config, args.max_waiting_requests),
+                     keepalive_interval=args.sse_keepalive,
                      info_extra={**limits(args), "demo": demo}, on_load_error=on_load_error)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                            timeout_graceful_shutdown=3, lifespan="on")
-    server = DrainingServer(config, app.state.kvserve, args.shutdown_timeout)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
+                                    timeout_graceful_shutdown=3, lifespan="on")
+    server = DrainingServer(uvicorn_config, app.state.kvserve, args.shutdown_timeout)
     return server
 
 
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     began = time.monotonic()
-    server = make_server(args)
+    model, served_name, demo = resolve_model(args)
+    try:
+        config = engine_config(args, model)
+    except ValueError as exc:
+        print(f"kvserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    server = make_server(args, config, served_name, demo)
     server.run()
     logger.info("kvserve stopped after %.1f s", time.monotonic() - began)
     return server.exit_code

@@ -251,7 +251,8 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, base: d
     def usage_chunk(out: RequestOutput) -> dict:
         return CompletionResponse(**base, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
 
-    prologue = [dump_chunk(CompletionResponse(**base, choices=[CompletionChoice(text=echo)]), with_usage)] if echo else []
+    echo_chunk = CompletionResponse(**base, choices=[CompletionChoice(text=echo)])
+    prologue = [dump_chunk(echo_chunk, with_usage)] if echo else []
     return stream(state, engine_request, chunks, usage_chunk if with_usage else None, prologue)
 
 

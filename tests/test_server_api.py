@@ -334,7 +334,8 @@ def test_completions_plain_and_streamed_agree(client, demo_model_dir):
     assert [c["choices"][0]["finish_reason"] for c in text_chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in text_chunks[:-1])
     assert "".join(c["choices"][0]["text"] for c in text_chunks) == choice["text"]
-    token_prompt = client.post("/v1/completions", json={**body, "prompt": [raw_tokenizer(demo_model_dir).encode("Once upon").ids]}).json()
+    ids = raw_tokenizer(demo_model_dir).encode("Once upon").ids
+    token_prompt = client.post("/v1/completions", json={**body, "prompt": [ids]}).json()
     assert token_prompt["choices"][0]["text"] == choice["text"]
 
 
