@@ -32,6 +32,15 @@ class DecodeGroup:
 
 
 @dataclass
+class TritonBatch:
+    """The varlen description the Triton kernels take: one launch for the whole mixed batch."""
+    block_tables: torch.Tensor    # int32 [num_seqs, max_blocks]
+    cu_seqlens_q: torch.Tensor    # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor        # int32 [num_seqs]
+    max_seqlen_q: int
+
+
+@dataclass
 class AttentionMetadata:
     """What every layer needs to find its K/V for this step."""
     slot_mapping: torch.Tensor                 # [num_tokens] where each new token's K/V goes
@@ -40,6 +49,7 @@ class AttentionMetadata:
     decode_ctx_lens: list[int]
     decode_slots: list[torch.Tensor]            # per decode seq: slots of its context
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    triton: "TritonBatch | None" = None        # set when the Triton kernels run this step
     _groups: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
@@ -105,6 +115,8 @@ def paged_attention(module, query, key, value, attention_mask=None, scaling=None
     k_cache, v_cache = kv_meta.kv_caches[module.layer_idx]
     num_blocks, block_size, kvh, d = k_cache.shape
     q = query[0].transpose(0, 1)                       # [T, H, D]
+    if kv_meta.triton is not None:
+        return _triton_attention(q, key, value, k_cache, v_cache, kv_meta, scaling, sliding_window, softcap)
     k_flat = k_cache.view(-1, kvh, d)
     v_flat = v_cache.view(-1, kvh, d)
     k_flat.index_copy_(0, kv_meta.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
@@ -158,3 +170,15 @@ def _attend_decode(q, k, v, pad_mask, scale, softcap):
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     o = torch.matmul(probs, v.transpose(1, 2))               # [B, KVH, G, D]
     return o.reshape(b, h, d)
+
+
+def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
+    from cache import triton_attention as ta
+    t = meta.triton
+    ta.store_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping)
+    window = sliding_window if sliding_window and sliding_window > 0 else None
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    out = ta.paged_prefill_attention(q.contiguous(), k_cache, v_cache, t.block_tables, t.cu_seqlens_q,
+                                     t.seq_lens, scale, sliding_window=window, softcap=softcap,
+                                     max_seqlen_q=t.max_seqlen_q)
+    return out.unsqueeze(0), None

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from cache.attention import AttentionMetadata, PrefillSeq
+from cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
 from kvserve import loader
 from kvserve.config import EngineConfig
 from kvserve.sampler import sample
@@ -26,6 +26,7 @@ class ModelRunner:
         self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.num_heads
         self.block_size = cfg.block_size
         self.vocab_size = text_cfg.vocab_size
+        self.attention_backend = self._attention_backend()
         self.num_blocks = self._num_kv_blocks()
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -35,6 +36,26 @@ class ModelRunner:
                  self.block_size, self.num_blocks * self.block_size,
                  self.num_blocks * self.bytes_per_block / 2**20, str(self.dtype).removeprefix("torch."),
                  self.device)
+
+    def _attention_backend(self) -> str:
+        """auto: the Triton kernels on CUDA when triton is installed, else the PyTorch path."""
+        wanted = self.cfg.attention_backend
+        if wanted == "torch" or (wanted == "auto" and self.device.type != "cuda"):
+            return "torch"
+        from cache import triton_attention
+        if triton_attention.is_available():
+            return "triton"
+        if wanted == "triton":
+            raise ValueError("attention_backend triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        log.warning("triton is not installed: using the PyTorch paged attention on %s", self.device)
+        return "torch"
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        """Host list -> device tensor through pinned memory, without blocking the host."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     @property
     def bytes_per_block(self) -> int:
@@ -101,9 +122,9 @@ class ModelRunner:
                 v[dst].copy_(v[src])
         ids, meta, sample_rows, sample_idx = self._prepare(sched, block_tables)
         n = len(ids)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        input_ids = self._tensor(ids)[None]
         positions = self._positions(sched)[None]
-        logits_index = torch.tensor(sample_idx, dtype=torch.long, device=self.device)
+        logits_index = self._tensor(sample_idx)
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
                          logits_to_keep=logits_index, kv_meta=meta)
         assert input_ids.shape[1] == n
@@ -122,37 +143,60 @@ class ModelRunner:
         return seq.generator
 
     def _positions(self, sched: SchedulerOutput) -> torch.Tensor:
-        return torch.cat([torch.arange(s.num_computed_tokens, s.num_computed_tokens + n)
-                          for s, n in zip(sched.seqs, sched.num_tokens)]).to(self.device)
+        return self._tensor([p for s, n in zip(sched.seqs, sched.num_tokens)
+                             for p in range(s.num_computed_tokens, s.num_computed_tokens + n)])
 
     def _prepare(self, sched: SchedulerOutput, block_tables: list[list[int]]):
-        bs = self.block_size
-        ids, prefills, slot_chunks = [], [], []
-        decode_rows, decode_ctx, decode_slots = [], [], []
-        sample_rows, sample_idx = [], []
+        ids, sample_rows, sample_idx, slot_mapping = [], [], [], []
         q_start = 0
         for row, (seq, n, table) in enumerate(zip(sched.seqs, sched.num_tokens, block_tables)):
             start, ctx = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:ctx])
+            slot_mapping.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                                for p in range(start, ctx))
+            if ctx == len(seq):
+                sample_rows.append(row)
+                sample_idx.append(q_start + n - 1)
+            q_start += n
+        if self.attention_backend == "triton":
+            meta = self._triton_meta(sched, block_tables, slot_mapping)
+        else:
+            meta = self._torch_meta(sched, block_tables, slot_mapping)
+        return ids, meta, sample_rows, sample_idx
+
+    def _triton_meta(self, sched, block_tables, slot_mapping) -> AttentionMetadata:
+        width = max(len(t) for t in block_tables)
+        cu = [0]
+        for n in sched.num_tokens:
+            cu.append(cu[-1] + n)
+        batch = TritonBatch(
+            block_tables=self._tensor([t + [0] * (width - len(t)) for t in block_tables], torch.int32),
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            seq_lens=self._tensor([s.num_computed_tokens + n for s, n in zip(sched.seqs, sched.num_tokens)],
+                                  torch.int32),
+            max_seqlen_q=max(sched.num_tokens))
+        return AttentionMetadata(self._tensor(slot_mapping), [], None, [], [], self.kv_caches, triton=batch)
+
+    def _torch_meta(self, sched, block_tables, slot_mapping) -> AttentionMetadata:
+        bs = self.block_size
+        prefills, decode_rows, decode_ctx, decode_slots = [], [], [], []
+        q_start = 0
+        for seq, n, table in zip(sched.seqs, sched.num_tokens, block_tables):
+            start, ctx = seq.num_computed_tokens, seq.num_computed_tokens + n
             pos = torch.arange(ctx)
             slots = (torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs).to(self.device)
-            slot_chunks.append(slots[start:])
             if n == 1 and start > 0:
                 decode_rows.append(q_start)
                 decode_ctx.append(ctx)
                 decode_slots.append(slots)
             else:
                 prefills.append(PrefillSeq(q_start, n, ctx, slots))
-            if ctx == len(seq):
-                sample_rows.append(row)
-                sample_idx.append(q_start + n - 1)
             q_start += n
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_chunks),
+        return AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
             prefills=prefills,
-            decode_index=torch.tensor(decode_rows, dtype=torch.long, device=self.device) if decode_rows else None,
+            decode_index=self._tensor(decode_rows) if decode_rows else None,
             decode_ctx_lens=decode_ctx,
             decode_slots=decode_slots,
             kv_caches=self.kv_caches,
         )
-        return ids, meta, sample_rows, sample_idx

@@ -110,3 +110,17 @@ def test_preemption_recompute(tiny_arch, tiny_model_factory, reference):
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.blocks_used == 0 and stats.num_running == stats.num_waiting == 0
+
+
+@pytest.mark.parametrize("tiny_arch", ["llama", "gemma2", "mistral"])
+def test_triton_backend(tiny_arch, tiny_model_factory, reference):
+    """The Triton kernels (through TRITON_INTERPRET=1 on CPU) in the engine: one varlen launch per
+    layer over mixed prefill chunks and decodes, with prefix hits and preemption."""
+    pytest.importorskip("triton")
+    llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
+              attention_backend="triton")
+    assert llm.engine.runner.attention_backend == "triton"
+    prompts = _prompts(6, (9, 30, 41))
+    assert_matches(tiny_arch, reference, prompts + prompts[:1],
+                   llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy()))
+    assert llm.engine.stats().num_preemptions > 0 and llm.engine.stats().prefix_hit_tokens > 0
