@@ -5,14 +5,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.validation import NullAsDefault
+
 OpenAIFinishReason = Literal["stop", "length"]
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(NullAsDefault):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(NullAsDefault):
     """Fields shared by completions and chat, including vLLM's extensions (ignore_eos, top_k, ...)."""
     model_config = ConfigDict(extra="allow")
 

@@ -5,11 +5,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.validation import NullAsDefault
+
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_NEW_TOKENS = 100
 
 
-class GenerateParameters(BaseModel):
+class GenerateParameters(NullAsDefault):
     """TGI's `parameters`; typical_p, top_n_tokens, best_of, watermark, grammar only at their defaults."""
     model_config = ConfigDict(extra="allow")
 
@@ -38,7 +40,7 @@ class GenerateParameters(BaseModel):
     ignore_eos: bool = Field(False, description="kvserve extension: keep generating after EOS")
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(NullAsDefault):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False

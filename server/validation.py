@@ -5,9 +5,20 @@ import math
 import secrets
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from server.errors import APIError
+
+
+class NullAsDefault(BaseModel):
+    """A body where an explicit null means "use the default" (many clients send every field)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 def reject_unsupported(checks: list[tuple[str, Any, bool]]) -> None:

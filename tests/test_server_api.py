@@ -288,10 +288,20 @@ def test_tgi_validation_errors_are_422_naming_the_field(client, parameters, fiel
     assert field in body["error"]
 
 
-def test_tgi_accepts_unsupported_fields_at_their_defaults(client):
+def test_tgi_accepts_unsupported_fields_at_their_defaults_and_nulls(client):
     params = {"max_new_tokens": 2, "typical_p": None, "top_n_tokens": 0, "best_of": 1, "watermark": False,
               "grammar": None, "truncate": None, "adapter_id": None, "some_future_field": None}
     assert client.post("/generate", json={"inputs": "x", "parameters": params}).status_code == 200
+    # what huggingface_hub's InferenceClient.text_generation sends to POST /: every field, unset ones null
+    hub = {"inputs": "x", "stream": False, "parameters": {
+        "max_new_tokens": 2, "details": True, "decoder_input_details": False, "do_sample": False, "stop": [],
+        "return_full_text": False, "seed": None, "temperature": None, "top_k": None, "top_p": None,
+        "repetition_penalty": None, "frequency_penalty": None, "typical_p": None, "truncate": None,
+        "watermark": False, "best_of": None, "top_n_tokens": None, "grammar": None, "adapter_id": None}}
+    r = client.post("/", json=hub)
+    assert r.status_code == 200 and r.json()[0]["details"]["generated_tokens"] == 2
+    nulls = {"inputs": "x", "stream": None, "parameters": {"max_new_tokens": 2, "stop": None, "details": None}}
+    assert client.post("/generate", json=nulls).json().keys() == {"generated_text"}
 
 
 def test_prompt_too_long_names_both_lengths(client):
@@ -339,6 +349,13 @@ def test_completions_plain_and_streamed_agree(client, demo_model_dir):
     assert token_prompt["choices"][0]["text"] == choice["text"]
 
 
+def test_completions_echo(client):
+    body = {"prompt": "Echo me", "max_tokens": 4, "temperature": 0, "echo": True}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    chunks, _ = stream(client, "/v1/completions", {**body, "stream": True})
+    assert text.startswith("Echo me") and "".join(c["choices"][0]["text"] for c in chunks[:-1]) == text
+
+
 def test_chat_completions_plain_and_streamed(client):
     body = {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
@@ -372,6 +389,7 @@ def test_cached_tokens_reported_on_repeated_prompt(client):
     ("/v1/completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, 400, "echo"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
