@@ -35,9 +35,9 @@ def _llama(hidden, layers, heads, kv_heads, inter, vocab, **extra) -> dict:
 SHAPES: dict[str, ModelShape] = {s.name: s for s in [
     ModelShape("tiny", "llama", "Llama architecture, hidden 64, 2 layers, 4 heads, 2 kv heads, "
                "intermediate 128, vocab 512 (development only)", _llama(64, 2, 4, 2, 128, 512)),
-    ModelShape("llama-small", "llama", "Llama architecture at SmolLM-135M width with 8 layers: hidden 576, "
-               "8 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, untied (85M parameters)",
-               _llama(576, 8, 9, 3, 1536, 49152)),
+    ModelShape("llama-small", "llama", "Llama architecture at SmolLM-135M width with 4 layers: hidden 576, "
+               "4 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, untied (71M parameters, 57M of "
+               "them embeddings and head)", _llama(576, 4, 9, 3, 1536, 49152)),
     ModelShape("smollm-135m", "llama", "SmolLM-135M shape (Llama): hidden 576, 30 layers, 9 heads, 3 kv heads, "
                "intermediate 1536, vocab 49152, tied embeddings",
                _llama(576, 30, 9, 3, 1536, 49152, tie_word_embeddings=True)),
@@ -79,10 +79,11 @@ def model_path(name: str, dtype: str = "float32") -> Path:
         raise SystemExit(f"unknown model shape {name!r}; choose one of {', '.join(SHAPES)} or a local model folder")
     path = CACHE_DIR / f"{name}-{dtype}"
     stamp = path / "kvserve-bench.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION:
+    want = {"version": BUILD_VERSION, "shape": name, "config": SHAPES[name].config_kwargs()}
+    if stamp.exists() and {k: v for k, v in json.loads(stamp.read_text()).items() if k in want} == want:
         return path
     _build(SHAPES[name], path, dtype)
-    stamp.write_text(json.dumps({"version": BUILD_VERSION, "shape": name, "description": SHAPES[name].description}))
+    stamp.write_text(json.dumps(want | {"description": SHAPES[name].description}))
     return path
 
 

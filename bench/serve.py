@@ -208,7 +208,8 @@ def _report(args, machine, reqs, loads, results: dict[str, list[dict]]) -> None:
                  "TPOT mean ms", "TPOT p50", "TPOT p99", "ITL mean ms", "ITL p50", "ITL p99"], rows,
                 title=f"serve: {len(reqs)} requests per point, prompt {args.prompt_len[0]}-{args.prompt_len[1]} "
                       f"tokens, output {args.output_len[0]}-{args.output_len[1]}, greedy, streaming {args.api} "
-                      f"API, model {args.model_shape}, {args.dtype} on {args.device}")
+                      f"API, " + (f"model {args.model_shape}, {args.dtype} on {args.device}" if not args.url
+                                   else f"the model served at {args.url}"))
     comparison = None
     if {"kvserve", "transformers"} <= set(results) and kind == "rate":
         slo = args.ttft_slo or max(1.0, 3 * min(results[s][0]["ttft_s"]["p99"] for s in ("kvserve", "transformers")))

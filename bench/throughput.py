@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def warmup_slice(requests: list[Request], n: int) -> list[Request]:
-    return [Request(r.prompt_token_ids[:64], min(r.max_tokens, 8)) for r in requests[:n]]
+    """Short requests whose prompts share no prefix with the workload (no prefix-cache head start)."""
+    return [Request(r.prompt_token_ids[::-1][:64], min(r.max_tokens, 8)) for r in requests[:n]]
 
 
 def run(args: argparse.Namespace) -> int:
