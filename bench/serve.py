@@ -41,11 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transformers-args", default="", help="extra flags for `transformers serve`")
     g.add_argument("--startup-timeout", type=float, default=600.0)
     g = p.add_argument_group("load")
-    g.add_argument("--rates", type=float_list, default=[0.5, 1.0, 2.0, 4.0],
+    g.add_argument("--rates", type=float_list, default=[0.5, 1.0, 2.0, 4.0, 8.0],
                    help="Poisson request rates per second, comma separated (inf = all at once)")
     g.add_argument("--concurrency", type=int_list, default=None,
                    help="fixed concurrency levels instead of rates, comma separated")
-    g.add_argument("--num-requests", type=int, default=24, help="requests per load point")
+    g.add_argument("--num-requests", type=int, default=16, help="requests per load point")
     g.add_argument("--prompt-len", type=parse_range, default=(64, 256), help="prompt characters (= tokens), lo:hi")
     g.add_argument("--output-len", type=parse_range, default=(32, 128), help="output tokens, lo:hi")
     g.add_argument("--ttft-slo", type=float, default=None,
@@ -189,8 +189,8 @@ class Server:
 
 
 def _sustained(points: list[dict], slo: float) -> float:
-    """The highest load whose p99 TTFT meets the SLO with no errors (0 when none does)."""
-    ok = [p["request_throughput"] for p in points if p["errors"] == 0 and p["ttft_s"]["p99"] <= slo]
+    """The highest offered rate whose p99 TTFT meets the SLO with no errors (0 when none does)."""
+    ok = [p["value"] for p in points if p["errors"] == 0 and p["ttft_s"]["p99"] <= slo]
     return max(ok, default=0.0)
 
 
