@@ -26,9 +26,9 @@ class PrefillSeq:
 
 @dataclass
 class DecodeGroup:
-    q_index: torch.Tensor     # [B] rows of the packed batch
-    slots: torch.Tensor       # [B, L] slots of attended keys, padded
-    pad_mask: torch.Tensor | None  # [B, 1, 1, L] True where padded; None if no padding
+    q_index: torch.Tensor          # [B] rows of the packed batch
+    blocks: torch.Tensor           # [B * nb] block ids covering the attended keys, padded
+    mask: torch.Tensor | None      # [B, 1, nb * block_size] True where not attended; None if all are
 
 
 @dataclass
@@ -47,7 +47,7 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     decode_index: torch.Tensor | None           # rows of single-token decodes
     decode_ctx_lens: list[int]
-    decode_slots: list[torch.Tensor]            # per decode seq: slots of its context
+    decode_tables: list[list[int]]              # per decode seq: its block table
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     triton: "TritonBatch | None" = None        # set when the Triton kernels run this step
     _groups: dict = field(default_factory=dict)
@@ -67,30 +67,32 @@ class AttentionMetadata:
 
 
 def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGroup]:
+    """Group decodes by the number of blocks they attend, bounding padding per group."""
     if meta.decode_index is None:
         return []
-    starts = [max(0, c - window) if window else 0 for c in meta.decode_ctx_lens]
-    lens = [c - s for c, s in zip(meta.decode_ctx_lens, starts)]
-    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    bs = meta.kv_caches[0][0].shape[1]
+    ctx = meta.decode_ctx_lens
+    starts = [max(0, c - window) if window else 0 for c in ctx]
+    first = [s // bs for s in starts]
+    nblocks = [-(-c // bs) - f for c, f in zip(ctx, first)]
+    order = sorted(range(len(ctx)), key=lambda i: -nblocks[i])
     groups, current, real = [], [], 0
     for i in order:
-        if current and lens[current[0]] * (len(current) + 1) > DECODE_GROUP_PADDING * (real + lens[i]):
+        if current and nblocks[current[0]] * (len(current) + 1) > DECODE_GROUP_PADDING * (real + nblocks[i]):
             groups.append(current)
             current, real = [], 0
         current.append(i)
-        real += lens[i]
+        real += nblocks[i]
     groups.append(current)
     device = meta.slot_mapping.device
     out = []
     for g in groups:
-        width = lens[g[0]]
-        slots = torch.zeros(len(g), width, dtype=torch.long, device=device)
-        pad = torch.zeros(len(g), width, dtype=torch.bool, device=device)
-        for row, i in enumerate(g):
-            slots[row, :lens[i]] = meta.decode_slots[i][starts[i]:]
-            pad[row, lens[i]:] = True
-        has_pad = any(lens[i] < width for i in g)
-        out.append(DecodeGroup(meta.decode_index[g], slots, pad[:, None, None, :] if has_pad else None))
+        nb = nblocks[g[0]]
+        blocks = [b for i in g for b in (meta.decode_tables[i][first[i]:first[i] + nblocks[i]] + [0] * (nb - nblocks[i]))]
+        pos = torch.tensor([first[i] * bs for i in g])[:, None] + torch.arange(nb * bs)[None, :]
+        mask = (pos >= torch.tensor([ctx[i] for i in g])[:, None]) | (pos < torch.tensor([starts[i] for i in g])[:, None])
+        out.append(DecodeGroup(meta.decode_index[g], torch.tensor(blocks, device=device),
+                               mask[:, None, :].to(device) if bool(mask.any()) else None))
     return out
 
 
@@ -128,10 +130,10 @@ def paged_attention(module, query, key, value, attention_mask=None, scaling=None
         k_start, mask = kv_meta.prefill_mask(i, window)
         slots = p.slots[k_start:]
         out[p.q_start:p.q_start + p.q_len] = _attend_prefill(
-            q[p.q_start:p.q_start + p.q_len], k_flat[slots], v_flat[slots], mask, scale, softcap)
+            q[p.q_start:p.q_start + p.q_len], k_flat.index_select(0, slots), v_flat.index_select(0, slots),
+            mask, scale, softcap)
     for g in kv_meta.decode_groups(window):
-        out[g.q_index] = _attend_decode(q[g.q_index], k_flat[g.slots], v_flat[g.slots], g.pad_mask,
-                                        scale, softcap)
+        out[g.q_index] = _attend_decode(q[g.q_index], k_cache, v_cache, g, scale, softcap)
     return out.unsqueeze(0), None
 
 
@@ -156,20 +158,24 @@ def _attend_prefill(q, k, v, mask, scale, softcap):
     return o.transpose(0, 1)
 
 
-def _attend_decode(q, k, v, pad_mask, scale, softcap):
-    """q [B, H, D], k/v [B, L, KVH, D], pad_mask [B, 1, 1, L] or None -> [B, H, D]."""
+def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
+    """q [B, H, D]; whole blocks are gathered (contiguous copies) and each KV head runs one bmm
+    over strided views, so nothing else is copied -> [B, H, D]."""
     b, h, d = q.shape
-    kvh = k.shape[2]
-    qg = q.view(b, kvh, h // kvh, d)
-    kt = k.permute(0, 2, 3, 1)                               # [B, KVH, D, L]
-    scores = torch.matmul(qg, kt).float() * scale            # [B, KVH, G, L]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if pad_mask is not None:
-        scores = scores.masked_fill(pad_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    o = torch.matmul(probs, v.transpose(1, 2))               # [B, KVH, G, D]
-    return o.reshape(b, h, d)
+    _, bs, kvh, _ = k_cache.shape
+    k = k_cache.index_select(0, g.blocks).view(b, -1, kvh, d)      # [B, L, KVH, D]
+    v = v_cache.index_select(0, g.blocks).view(b, -1, kvh, d)
+    qg = (q * scale).view(b, kvh, h // kvh, d)
+    out = torch.empty(b, kvh, h // kvh, d, dtype=q.dtype, device=q.device)
+    for head in range(kvh):
+        scores = torch.bmm(qg[:, head], k[:, :, head].transpose(1, 2)).float()   # [B, G, L]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if g.mask is not None:
+            scores.masked_fill_(g.mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out[:, head] = torch.bmm(probs, v[:, :, head])
+    return out.view(b, h, d)
 
 
 def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):

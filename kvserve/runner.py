@@ -179,17 +179,17 @@ class ModelRunner:
 
     def _torch_meta(self, sched, block_tables, slot_mapping) -> AttentionMetadata:
         bs = self.block_size
-        prefills, decode_rows, decode_ctx, decode_slots = [], [], [], []
+        prefills, decode_rows, decode_ctx, decode_tables = [], [], [], []
         q_start = 0
         for seq, n, table in zip(sched.seqs, sched.num_tokens, block_tables):
             start, ctx = seq.num_computed_tokens, seq.num_computed_tokens + n
-            pos = torch.arange(ctx)
-            slots = (torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs).to(self.device)
             if n == 1 and start > 0:
                 decode_rows.append(q_start)
                 decode_ctx.append(ctx)
-                decode_slots.append(slots)
+                decode_tables.append(table)
             else:
+                pos = torch.arange(ctx)
+                slots = (torch.tensor(table, dtype=torch.long)[pos // bs] * bs + pos % bs).to(self.device)
                 prefills.append(PrefillSeq(q_start, n, ctx, slots))
             q_start += n
         return AttentionMetadata(
@@ -197,6 +197,6 @@ class ModelRunner:
             prefills=prefills,
             decode_index=self._tensor(decode_rows) if decode_rows else None,
             decode_ctx_lens=decode_ctx,
-            decode_slots=decode_slots,
+            decode_tables=decode_tables,
             kv_caches=self.kv_caches,
         )
