@@ -73,10 +73,10 @@ class AsyncEngine:
         return len(self._streams)
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
-        self.engine.step_listeners.append(fn)
+        self.engine.add_step_listener(fn)
 
     def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
-        self.engine.finish_listeners.append(fn)
+        self.engine.add_finish_listener(fn)
 
     # lifecycle
     def start(self) -> None:

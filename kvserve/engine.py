@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from torch.profiler import record_function
+
 from cache.kv_cache_manager import KVCacheManager
 from kvserve import loader
 from kvserve.config import EngineConfig
@@ -52,6 +54,13 @@ class LLMEngine:
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.finish_listeners: list[Callable[[RequestOutput], None]] = []
+
+    def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
+        """fn(StepStats) after every step (from the thread that runs the engine)."""
+        self.step_listeners.append(fn)
+
+    def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
+        self.finish_listeners.append(fn)
 
     def _max_model_len(self) -> int:
         model_max = loader.model_max_length(self.model_config)
@@ -120,11 +129,13 @@ class LLMEngine:
     # the step
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
+        with record_function("kvserve::schedule"):
+            sched = self.scheduler.schedule()
         if not sched:
             return []
         tables = [self.kv.block_ids(s.request_id) for s in sched.seqs]
-        tokens, logprobs, rows = self.runner.execute(sched, tables)
+        with record_function("kvserve::execute"):
+            tokens, logprobs, rows = self.runner.execute(sched, tables)
         self.scheduler.update_computed(sched)
         now = time.monotonic()
         num_decode = sum(1 for s, n in zip(sched.seqs, sched.num_tokens) if n == 1 and s.num_output_tokens > 0)
@@ -132,10 +143,11 @@ class LLMEngine:
         self.generation_tokens += len(tokens)
         self.num_steps += 1
         outputs = []
-        for token, logprob, row in zip(tokens, logprobs, rows):
-            state = self.requests[sched.seqs[row].request_id]
-            self._append(state, token, logprob, now)
-            outputs.append(self._finish(state) if state.seq.is_finished else self._output(state))
+        with record_function("kvserve::detokenize"):
+            for token, logprob, row in zip(tokens, logprobs, rows):
+                state = self.requests[sched.seqs[row].request_id]
+                self._append(state, token, logprob, now)
+                outputs.append(self._finish(state) if state.seq.is_finished else self._output(state))
         if self.step_listeners:
             stats = StepStats(sched.total_tokens - num_decode, num_decode, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
