@@ -468,8 +468,9 @@ def test_streaming_disconnect_frees_blocks(server, path):
 
 def test_non_streaming_disconnect_frees_blocks(server):
     assert wait_until(lambda: server.stats()["blocks_used"] == 0, 10)
-    body = {"prompt": "Never read", "max_tokens": 200, "ignore_eos": True}
-    with httpx.Client(base_url=server.base, timeout=httpx.Timeout(30, read=0.5)) as client:
+    # as long as MAX_MODEL_LEN allows (~0.3 s even on a fast CPU); the client gives up after 0.1 s
+    body = {"prompt": "Never read", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True}
+    with httpx.Client(base_url=server.base, timeout=httpx.Timeout(30, read=0.1)) as client:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=body)
     assert server.stats()["generation_tokens"] > 0

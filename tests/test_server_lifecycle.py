@@ -14,13 +14,13 @@ import pytest
 
 from test_server_api import ROOT, Server, sse_events, start_server, stop_server, wait_until
 
-SHUTDOWN_TIMEOUT = 2.0
+SHUTDOWN_TIMEOUT = 0.75  # the long request below needs ~3 s even on a fast CPU
 
 
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-lifecycle") / "kvserve.log"
-    s = start_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-num-seqs", "2",
+    s = start_server(demo_model_dir, log, "--num-kv-blocks", "160", "--max-num-seqs", "2",
                      "--max-waiting-requests", "2", "--sse-keepalive", "0.2",
                      "--shutdown-timeout", str(SHUTDOWN_TIMEOUT))
     yield s
@@ -122,7 +122,7 @@ def test_sigterm_drains_then_exits_zero(server):
             short_started, long_started = asyncio.Event(), asyncio.Event()
             short = asyncio.create_task(read(client, {"inputs": "short", "parameters": {"max_new_tokens": 6}},
                                              short_started))
-            long = asyncio.create_task(read(client, {"inputs": "long", "parameters": {"max_new_tokens": 1000,
+            long = asyncio.create_task(read(client, {"inputs": "long", "parameters": {"max_new_tokens": 2000,
                                                                                     "ignore_eos": True}},
                                             long_started))
             await asyncio.wait_for(asyncio.gather(short_started.wait(), long_started.wait()), 20)
