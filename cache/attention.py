@@ -33,11 +33,14 @@ class DecodeGroup:
 
 @dataclass
 class TritonBatch:
-    """The varlen description the Triton kernels take: one launch for the whole mixed batch."""
+    """What the Triton kernels take. The first num_decodes rows are single-token decodes (the
+    scheduler puts decodes first): one split-K decode launch. The rest are prefill chunks: one
+    varlen launch. Both write the step's K/V into the cache themselves (fused)."""
     block_tables: torch.Tensor    # int32 [num_seqs, max_blocks]
-    cu_seqlens_q: torch.Tensor    # int32 [num_seqs + 1]
     seq_lens: torch.Tensor        # int32 [num_seqs]
-    max_seqlen_q: int
+    num_decodes: int
+    cu_seqlens_q: torch.Tensor    # int32 [num_prefills + 1], token offsets from row num_decodes
+    max_seqlen_q: int             # longest prefill chunk (0 when there is none)
 
 
 @dataclass
@@ -181,10 +184,17 @@ def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
 def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
     from cache import triton_attention as ta
     t = meta.triton
-    ta.store_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_mapping)
+    key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)      # [T, KVH, D] views
     window = sliding_window if sliding_window and sliding_window > 0 else None
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-    out = ta.paged_prefill_attention(q.contiguous(), k_cache, v_cache, t.block_tables, t.cu_seqlens_q,
-                                     t.seq_lens, scale, sliding_window=window, softcap=softcap,
-                                     max_seqlen_q=t.max_seqlen_q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    nd, slots = t.num_decodes, meta.slot_mapping
+    if nd:
+        ta.paged_decode_attention(q[:nd], k_cache, v_cache, t.block_tables[:nd], t.seq_lens[:nd], scale,
+                                  window, softcap, key=key[:nd], value=value[:nd], slot_mapping=slots[:nd],
+                                  out=out[:nd])
+    if nd < q.shape[0]:
+        ta.paged_prefill_attention(q[nd:], k_cache, v_cache, t.block_tables[nd:], t.cu_seqlens_q,
+                                   t.seq_lens[nd:], scale, window, softcap, t.max_seqlen_q, key=key[nd:],
+                                   value=value[nd:], slot_mapping=slots[nd:], out=out[nd:])
     return out.unsqueeze(0), None

@@ -15,11 +15,15 @@ Grid design:
   pairs, so GQA groups share each K/V tile and a length-1 chunk (a decode token) still fills
   GROUP rows; online softmax over BLOCK_N-token KV tiles gathered through the block table, with
   causal, sliding-window and padding masks. One launch covers a mixed prefill/decode batch.
-Both attention kernels share _attend_tile: full KV tiles load without masks, only the tail tile
+Both attention kernels share _attend_range: full KV tiles load without masks, only the tail tile
 masks; softmax runs in base 2 with float32 accumulators. Block sizes 8/16/32 and any head_dim
 (padded to a power of two) work, since KV tiles gather tokens one by one through the block table.
-Nothing is fused with store_kv yet: paged_attention_fused is store_kv followed by the varlen
-kernel (two launches). num_splits=None picks splits from block_tables.shape[1] (no device sync).
+Fused K/V write (key/value/slot_mapping given): a program reads the step's own positions from the
+key/value tensors instead of the cache and stores the positions it owns (a prefill tile its
+tokens, a decode split the new token if it holds it) at their slots. No program reads a position
+of this step from the cache, so the write needs no ordering against the reads: one launch per layer.
+num_splits=None picks splits from block_tables.shape[1] (no device sync), so a CUDA graph can
+capture a decode whose tables are padded to a fixed width.
 """
 
 import functools
@@ -99,34 +103,47 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @_jit
 def _attend_block(
-    q, qpos, row_valid, acc, m, l, n0, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
-    stride_kb, stride_kt, score_scale, cap_scale, window,
+    q, qpos, row_valid, acc, m, l, n0, end, k_ptr, v_ptr, block_table_ptr, head_off, stride_kb, stride_kt,
+    v_head_off, stride_vt, row_shift, score_scale, cap_scale, window,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    MASK_N: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_N: tl.constexpr, FROM_CACHE: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One online-softmax step over keys [n0, n0 + BLOCK_N); only a tail block (MASK_N) masks its loads."""
+    """One online-softmax step over keys [n0, n0 + BLOCK_N); only a tail block (MASK_N) masks its loads.
+
+    FROM_CACHE: key position p is read through the block table from the paged cache. Otherwise it is
+    row p + row_shift of the step's own key/value tensors (token strides stride_kt / stride_vt, head
+    offsets head_off / v_head_off).
+    """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if MASK_N:
         n_mask = offs_n < end
-        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+    if FROM_CACHE:
+        if MASK_N:
+            block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+        else:
+            block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+        if OFFSET_64:
+            block = block.to(tl.int64)
+        k_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off
+        v_off = k_off
     else:
-        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
-    if OFFSET_64:
-        block = block.to(tl.int64)
-    kv_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + kv_off_head
-    kv_ptrs = kv_off[:, None] + offs_d[None, :]
+        row = (offs_n + row_shift).to(tl.int64)
+        k_off = row * stride_kt + head_off
+        v_off = row * stride_vt + v_head_off
+    k_ptrs = k_off[:, None] + offs_d[None, :]
+    v_ptrs = v_off[:, None] + offs_d[None, :]
     if MASK_N:
         kv_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + v_ptrs, mask=kv_mask, other=0.0)
     elif HEAD_DIM != BLOCK_D:
-        k = tl.load(k_cache_ptr + kv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        k = tl.load(k_ptr + k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptr + v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
-        k = tl.load(k_cache_ptr + kv_ptrs)
-        v = tl.load(v_cache_ptr + kv_ptrs)
+        k = tl.load(k_ptr + k_ptrs)
+        v = tl.load(v_ptr + v_ptrs)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST)
     if USE_SOFTCAP:
         s = _tanh(s * score_scale) * cap_scale
@@ -148,45 +165,89 @@ def _attend_block(
 
 
 @_jit
-def _attend_tile(
-    q, qpos, row_valid, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-    stride_kb, stride_kt, stride_kh, start, end,
-    score_scale, cap_scale, window,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, OFFSET_64: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _attend_range(
+    q, qpos, row_valid, acc, m, l, start, end, k_ptr, v_ptr, block_table_ptr, head_off, stride_kb, stride_kt,
+    v_head_off, stride_vt, row_shift, score_scale, cap_scale, window,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    FROM_CACHE: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Online softmax of rows q (positions qpos) over keys [start, end); returns acc, max, sum in base 2."""
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    kv_off_head = kv_head * stride_kh
-    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    """Online softmax of rows q (positions qpos) over keys [start, end), continuing acc, max, sum (base 2)."""
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, m, l = _attend_block(
-            q, qpos, row_valid, acc, m, l, n0, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
-            stride_kb, stride_kt, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
-            False, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+            q, qpos, row_valid, acc, m, l, n0, end, k_ptr, v_ptr, block_table_ptr, head_off, stride_kb, stride_kt,
+            v_head_off, stride_vt, row_shift, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
+            False, FROM_CACHE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
         )
     if full_end < end:
         acc, m, l = _attend_block(
-            q, qpos, row_valid, acc, m, l, full_end, end, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_off_head,
-            stride_kb, stride_kt, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
-            True, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+            q, qpos, row_valid, acc, m, l, full_end, end, k_ptr, v_ptr, block_table_ptr, head_off, stride_kb,
+            stride_kt, v_head_off, stride_vt, row_shift, score_scale, cap_scale, window, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
+            True, FROM_CACHE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
         )
     return acc, m, l
 
 
 @_jit
+def _attend_and_store(
+    q, qpos, row_valid, start, end, new_start, k_cache_ptr, v_cache_ptr, block_table_ptr,
+    key_ptr, value_ptr, slot_ptr, first_token, store_start, store_end, kv_head,
+    stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh, score_scale, cap_scale, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FUSED: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Attend keys [start, end). FUSED: positions from new_start on are this step's tokens (token
+    first_token + p - new_start of key/value), read from there rather than the cache; the program also
+    writes the step's positions [store_start, store_end) into the cache at their slots (-1 skips)."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cache_end = end
+    if FUSED:
+        cache_end = tl.minimum(end, new_start)
+    acc, m, l = _attend_range(
+        q, qpos, row_valid, acc, m, l, start, cache_end, k_cache_ptr, v_cache_ptr, block_table_ptr,
+        kv_head * stride_kh, stride_kb, stride_kt, kv_head * stride_kh, stride_kt, 0, score_scale, cap_scale, window,
+        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+    )
+    if FUSED:
+        row_shift = first_token - new_start
+        acc, m, l = _attend_range(
+            q, qpos, row_valid, acc, m, l, tl.maximum(start, new_start), end, key_ptr, value_ptr,
+            block_table_ptr, kv_head * stride_nh, 0, stride_nt, kv_head * stride_vh, stride_vt, row_shift,
+            score_scale, cap_scale, window,
+            BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, OFFSET_64, USE_SOFTCAP, USE_WINDOW,
+            DOT_PRECISION, UPCAST,
+        )
+        # The write: only positions no program of this step reads from the cache.
+        offs_d = tl.arange(0, BLOCK_D)
+        for pos in range(store_start, store_end):
+            token = (pos + row_shift).to(tl.int64)
+            slot = tl.load(slot_ptr + token)
+            if slot >= 0:
+                k_src = token * stride_nt + kv_head * stride_nh + offs_d
+                v_src = token * stride_vt + kv_head * stride_vh + offs_d
+                block = (slot // BLOCK_SIZE).to(tl.int64)
+                dst = block * stride_kb + (slot % BLOCK_SIZE) * stride_kt + kv_head * stride_kh + offs_d
+                d_mask = offs_d < HEAD_DIM
+                tl.store(k_cache_ptr + dst, tl.load(key_ptr + k_src, mask=d_mask), mask=d_mask)
+                tl.store(v_cache_ptr + dst, tl.load(value_ptr + v_src, mask=d_mask), mask=d_mask)
+    return acc, m, l
+
+
+@_jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, key_ptr, value_ptr, slot_ptr,
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    stride_qs, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_os, stride_oh,
+    stride_qs, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+    stride_os, stride_oh,
     score_scale, cap_scale, window, num_splits,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -207,10 +268,15 @@ def _decode_kernel(
     q_off = seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=mask, other=0.0)
     qpos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
-    acc, m, l = _attend_tile(
-        q, qpos, row_valid, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * stride_bt,
-        kv_head, stride_kb, stride_kt, stride_kh, start, end, score_scale, cap_scale, window,
-        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+    # The new token (position seq_len - 1, token `seq` of the step) is stored by the split holding it.
+    holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
+    acc, m, l = _attend_and_store(
+        q, qpos, row_valid, start, end, seq_len - 1, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, slot_ptr, seq,
+        seq_len - 1, tl.where(holds_new, seq_len, seq_len - 1), kv_head,
+        stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh, score_scale, cap_scale, window,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, FUSED, OFFSET_64, USE_SOFTCAP, USE_WINDOW,
+        DOT_PRECISION, UPCAST,
     )
     if SPLIT:
         part = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split
@@ -248,12 +314,14 @@ def _decode_reduce_kernel(
 
 @_jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
-    stride_qt, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, key_ptr, value_ptr,
+    slot_ptr, out_ptr,
+    stride_qt, stride_qh, stride_bt, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+    stride_ot, stride_oh,
     score_scale, cap_scale, window,
     GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    FUSED: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -265,8 +333,9 @@ def _prefill_kernel(
     if tok0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    first_pos = seq_len - q_len + tok0
-    end = seq_len - q_len + tl.minimum(tok0 + TOKENS_PER_TILE, q_len)
+    chunk_start = seq_len - q_len
+    first_pos = chunk_start + tok0
+    end = chunk_start + tl.minimum(tok0 + TOKENS_PER_TILE, q_len)
     start = 0
     if USE_WINDOW:
         start = tl.maximum(first_pos - window + 1, 0)
@@ -280,11 +349,13 @@ def _prefill_kernel(
     token = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask, other=0.0)
-    acc, m, l = _attend_tile(
-        q, first_pos + rows // GROUP, row_valid, k_cache_ptr, v_cache_ptr,
-        block_tables_ptr + seq.to(tl.int64) * stride_bt,
-        kv_head, stride_kb, stride_kt, stride_kh, start, end, score_scale, cap_scale, window,
-        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
+    # Each tile stores its own tokens; the chunk's keys are read from key/value, never the cache.
+    acc, m, l = _attend_and_store(
+        q, first_pos + rows // GROUP, row_valid, start, end, chunk_start, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, slot_ptr, q_start,
+        first_pos, end, kv_head, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+        score_scale, cap_scale, window, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, FUSED, OFFSET_64,
+        USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
     )
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     o_off = token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -350,17 +421,42 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     )
 
 
+def _new_kv(key, value, slot_mapping, num_tokens, k_cache):
+    """Checks the step's own K/V for a fused call; returns kernel args (dummies when not fused)."""
+    if key is None:
+        assert value is None and slot_mapping is None, "key, value and slot_mapping go together"
+        return False, k_cache, k_cache, k_cache.new_empty(0, dtype=torch.long), (0, 0, 0, 0)
+    assert key.shape == value.shape and key.stride(-1) == 1 and value.stride(-1) == 1
+    assert key.shape[0] == num_tokens and key.shape[1:] == k_cache.shape[2:] and slot_mapping.shape == (num_tokens,)
+    return True, key, value, slot_mapping, (key.stride(0), key.stride(1), value.stride(0), value.stride(1))
+
+
+def _output(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    return out
+
+
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, softcap: float | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
-    """One query token per sequence at position seq_lens[i] - 1; returns [num_seqs, num_heads, head_dim]."""
+                           num_splits: int | None = None, key: torch.Tensor | None = None,
+                           value: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence at position seq_lens[i] - 1; returns [num_seqs, num_heads, head_dim].
+
+    With key/value [num_seqs, num_kv_heads, head_dim] and slot_mapping [num_seqs] (fused), the new
+    token's K/V is taken from them and written into the cache by the same launch (slot -1 skips the
+    write); the cache then only needs positions [0, seq_lens[i] - 1).
+    """
     _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    fused, key, value, slot_mapping, new_strides = _new_kv(key, value, slot_mapping, num_seqs, k_cache)
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    out = _output(query, out)
     if num_seqs == 0:
         return out
     max_context = block_tables.shape[1] * block_size
@@ -378,13 +474,14 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     score_scale, cap_scale = _score_scales(scale, softcap)
     block_d = max(16, _next_pow2(head_dim))
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
+        query, k_cache, v_cache, block_tables, seq_lens, key, value, slot_mapping,
+        out, part_out, part_m, part_l,
         query.stride(0), query.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *new_strides, out.stride(0), out.stride(1),
         score_scale, cap_scale, sliding_window or 0, num_splits,
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=max(16, _next_pow2(group)), BLOCK_D=block_d,
-        SPLIT=split, OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap),
+        SPLIT=split, FUSED=fused, OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype),
         **_config(_DECODE_CONFIG, query.dtype),
     )
@@ -399,15 +496,23 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, sliding_window: int | None = None, softcap: float | None = None,
-                            max_seqlen_q: int | None = None) -> torch.Tensor:
-    """Varlen causal attention: sequence i's queries are the last q_len of its seq_lens[i] positions."""
+                            max_seqlen_q: int | None = None, key: torch.Tensor | None = None,
+                            value: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention: sequence i's queries are the last q_len of its seq_lens[i] positions.
+
+    With key/value [total_q, num_kv_heads, head_dim] and slot_mapping [total_q] (fused), the chunk's
+    own K/V is read from them and written into the cache in the same launch (slot -1 skips the
+    write); the cache then only needs each sequence's prefix before its chunk.
+    """
     _check_cache(k_cache, v_cache)
     total_q, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    fused, key, value, slot_mapping, new_strides = _new_kv(key, value, slot_mapping, total_q, k_cache)
     group = num_heads // num_kv_heads
     num_seqs = cu_seqlens_q.shape[0] - 1
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    out = _output(query, out)
     if total_q == 0 or num_seqs == 0:
         return out
     if max_seqlen_q is None:
@@ -418,13 +523,13 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     score_scale, cap_scale = _score_scales(scale, softcap)
     grid = (triton.cdiv(max_seqlen_q, tokens_per_tile), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, key, value, slot_mapping, out,
         query.stride(0), query.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *new_strides, out.stride(0), out.stride(1),
         score_scale, cap_scale, sliding_window or 0,
         GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_D=max(16, _next_pow2(head_dim)), OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM,
-        USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
+        BLOCK_M=block_m, BLOCK_D=max(16, _next_pow2(head_dim)), FUSED=fused,
+        OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
         DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype), **config,
     )
     return out
@@ -435,7 +540,7 @@ def paged_attention_fused(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                           scale: float, sliding_window: int | None = None, softcap: float | None = None,
                           max_seqlen_q: int | None = None) -> torch.Tensor:
-    """store_kv then paged_prefill_attention for a mixed batch: one call, two launches (not one kernel)."""
-    store_kv(key, value, k_cache, v_cache, slot_mapping)
+    """A mixed prefill/decode batch in one launch: attend, and write the step's K/V at its slots."""
     return paged_prefill_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
-                                   sliding_window, softcap, max_seqlen_q)
+                                   sliding_window, softcap, max_seqlen_q, key=key, value=value,
+                                   slot_mapping=slot_mapping)

@@ -43,6 +43,7 @@ class LLMEngine:
         self.model_config = self.runner.hf_config
         self.eos_token_ids = loader.eos_token_ids(self.runner.model, self.tokenizer)
         self.max_model_len = self._max_model_len()
+        self.runner.init_decode_graphs(self.max_model_len)
         identity = f"{cfg.model}|{cfg.revision}|{self.runner.dtype}".encode()
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest())

@@ -9,6 +9,7 @@ import torch
 from cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
 from kvserve import loader
 from kvserve.config import EngineConfig
+from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.sampler import sample
 from scheduler.scheduler import SchedulerOutput
 
@@ -28,6 +29,7 @@ class ModelRunner:
         self.vocab_size = text_cfg.vocab_size
         self.attention_backend = self._attention_backend()
         self.num_blocks = self._num_kv_blocks()
+        self.graphs: DecodeGraphs | None = None   # set by init_decode_graphs once max_model_len is known
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -112,6 +114,31 @@ class ModelRunner:
         slots = torch.arange(n, device=self.device)
         return AttentionMetadata(slots, [PrefillSeq(0, n, n, slots)], None, [], [], caches)
 
+    # CUDA graphs
+    def init_decode_graphs(self, max_model_len: int) -> None:
+        """Capture decode graphs (CUDA + Triton backend unless cuda_graphs is False). With
+        cuda_graphs=True off CUDA, the padded static-buffer decode path runs eagerly (for tests)."""
+        self.graphs = None
+        wanted = self.cfg.cuda_graphs
+        if wanted is False or self.attention_backend != "triton":
+            if wanted:
+                raise ValueError("cuda_graphs needs the Triton attention backend")
+            return
+        on_cuda = self.device.type == "cuda"
+        if wanted is None and not on_cuda:
+            return
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_model_len,
+                                   min(self.cfg.max_num_seqs, self.cfg.cuda_graph_max_batch), self.device,
+                                   capture=on_cuda)
+        if not on_cuda:
+            log.warning("cuda_graphs on %s: the padded decode path runs without capture", self.device)
+            return
+        try:
+            self.graphs.capture_all()
+        except Exception:  # a model whose forward cannot be captured still serves, eagerly
+            log.exception("CUDA graph capture failed; decoding eagerly")
+            self.graphs = None
+
     # one step
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: list[list[int]]) -> tuple[list[int], list[float], list[int]]:
@@ -120,18 +147,23 @@ class ModelRunner:
             for k, v in self.kv_caches:
                 k[dst].copy_(k[src])
                 v[dst].copy_(v[src])
-        ids, meta, sample_rows, sample_idx = self._prepare(sched, block_tables)
-        n = len(ids)
-        input_ids = self._tensor(ids)[None]
-        positions = self._positions(sched)[None]
-        logits_index = self._tensor(sample_idx)
-        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                         logits_to_keep=logits_index, kv_meta=meta)
-        assert input_ids.shape[1] == n
+        ids, positions, slots, sample_rows, sample_idx = self._prepare(sched, block_tables)
+        seq_lens = [s.num_computed_tokens + n for s, n in zip(sched.seqs, sched.num_tokens)]
+        if self.graphs is not None and len(ids) == len(sched.seqs) and self.graphs.fits(len(ids), max(seq_lens)):
+            # one token per row: a graph replay (a 1-token prefill chunk that does not sample is dropped)
+            logits = self.graphs.run(ids, positions, slots, block_tables, seq_lens)
+            if len(sample_rows) != len(ids):
+                logits = logits[self._tensor(sample_rows)]
+        else:
+            meta = (self._triton_meta(sched, block_tables, slots, seq_lens) if self.attention_backend == "triton"
+                    else self._torch_meta(sched, block_tables, slots))
+            out = self.model(input_ids=self._tensor(ids)[None], position_ids=self._tensor(positions)[None],
+                             use_cache=False, logits_to_keep=self._tensor(sample_idx), kv_meta=meta)
+            logits = out.logits[0]
         if not sample_rows:
             return [], [], []
         seqs = [sched.seqs[r] for r in sample_rows]
-        tokens, logprobs = sample(out.logits[0], [s.params for s in seqs], [s.token_ids for s in seqs],
+        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
                                   [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs])
         return tokens, logprobs, sample_rows
 
@@ -142,39 +174,34 @@ class ModelRunner:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.generator
 
-    def _positions(self, sched: SchedulerOutput) -> torch.Tensor:
-        return self._tensor([p for s, n in zip(sched.seqs, sched.num_tokens)
-                             for p in range(s.num_computed_tokens, s.num_computed_tokens + n)])
-
     def _prepare(self, sched: SchedulerOutput, block_tables: list[list[int]]):
-        ids, sample_rows, sample_idx, slot_mapping = [], [], [], []
+        """Host lists for the packed batch: token ids, positions, slots, and the rows that sample."""
+        ids, positions, slots, sample_rows, sample_idx = [], [], [], [], []
+        bs = self.block_size
         q_start = 0
         for row, (seq, n, table) in enumerate(zip(sched.seqs, sched.num_tokens, block_tables)):
             start, ctx = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:ctx])
-            slot_mapping.extend(table[p // self.block_size] * self.block_size + p % self.block_size
-                                for p in range(start, ctx))
+            positions.extend(range(start, ctx))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, ctx))
             if ctx == len(seq):
                 sample_rows.append(row)
                 sample_idx.append(q_start + n - 1)
             q_start += n
-        if self.attention_backend == "triton":
-            meta = self._triton_meta(sched, block_tables, slot_mapping)
-        else:
-            meta = self._torch_meta(sched, block_tables, slot_mapping)
-        return ids, meta, sample_rows, sample_idx
+        return ids, positions, slots, sample_rows, sample_idx
 
-    def _triton_meta(self, sched, block_tables, slot_mapping) -> AttentionMetadata:
+    def _triton_meta(self, sched, block_tables, slot_mapping, seq_lens) -> AttentionMetadata:
+        nd = next((i for i, n in enumerate(sched.num_tokens) if n != 1), len(sched.num_tokens))
         width = max(len(t) for t in block_tables)
         cu = [0]
-        for n in sched.num_tokens:
+        for n in sched.num_tokens[nd:]:
             cu.append(cu[-1] + n)
         batch = TritonBatch(
             block_tables=self._tensor([t + [0] * (width - len(t)) for t in block_tables], torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            num_decodes=nd,
             cu_seqlens_q=self._tensor(cu, torch.int32),
-            seq_lens=self._tensor([s.num_computed_tokens + n for s, n in zip(sched.seqs, sched.num_tokens)],
-                                  torch.int32),
-            max_seqlen_q=max(sched.num_tokens))
+            max_seqlen_q=max(sched.num_tokens[nd:], default=0))
         return AttentionMetadata(self._tensor(slot_mapping), [], None, [], [], self.kv_caches, triton=batch)
 
     def _torch_meta(self, sched, block_tables, slot_mapping) -> AttentionMetadata:

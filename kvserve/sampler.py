@@ -22,14 +22,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
                 _apply_penalties(logits[i], p, token_ids[i], num_prompt[i])
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            chosen[greedy] = logits[greedy].argmax(dim=-1)
+            rows = _upload(greedy, logits.device)
+            chosen[rows] = logits[rows].argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            probs = _warp([logits[i] for i in sampled], [params[i] for i in sampled])
-            chosen[sampled] = _draw(probs, [generators[i] for i in sampled])
-    ids = chosen.tolist()
-    lps = logprobs_all.gather(1, chosen[:, None])[:, 0].tolist()
-    return ids, lps
+            rows = _upload(sampled, logits.device)
+            probs = _warp(logits[rows], [params[i] for i in sampled])
+            chosen[rows] = _draw(probs, [generators[i] for i in sampled])
+    # the step's one device -> host read: ids and logprobs together (float64 holds any token id)
+    n = len(params)
+    packed = torch.cat([chosen.to(torch.float64), logprobs_all.gather(1, chosen[:, None])[:, 0].double()]).tolist()
+    return [int(t) for t in packed[:n]], packed[n:]
+
+
+def _upload(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host list on the device; through pinned memory on CUDA so the host does not wait."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -39,35 +48,35 @@ def _has_penalty(p: SamplingParams) -> bool:
 def _apply_penalties(row: torch.Tensor, p: SamplingParams, tokens: list[int], num_prompt: int) -> None:
     vocab = row.shape[0]
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({t for t in tokens if t < vocab}), dtype=torch.long, device=row.device)
+        seen = _upload(sorted({t for t in tokens if t < vocab}), row.device)
         if seen.numel():
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     output = [t for t in tokens[num_prompt:] if t < vocab]
     if output and (p.presence_penalty or p.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab].float()
+        counts = torch.bincount(_upload(output, row.device), minlength=vocab)[:vocab].float()
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
-def _warp(rows: list[torch.Tensor], params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p -> probabilities [S, V]."""
-    logits = torch.stack(rows)
-    temps = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    logits = logits / temps
+def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p -> probabilities [S, V]. Which warps apply is decided from
+    the params on the host, never by reading a device value."""
+    device = logits.device
+    logits = logits / _upload([p.temperature for p in params], device, torch.float32)[:, None]
     top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
     if min(top_k) < logits.shape[1]:
-        k = torch.tensor(top_k, device=logits.device)[:, None]
+        k = _upload(top_k, device)[:, None]
         kth = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
-    if (top_p < 1).any():
+    if any(p.top_p < 1 for p in params):
+        top_p = _upload([p.top_p for p in params], device, torch.float32)[:, None]
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p   # keep the smallest set reaching top_p
         logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], device=logits.device)[:, None]
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = _upload([p.min_p for p in params], device, torch.float32)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -78,7 +87,8 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        out[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+        rows = _upload(shared, probs.device)
+        out[rows] = torch.multinomial(probs[rows], 1)[:, 0]
     for i, g in enumerate(generators):
         if g is not None:
             out[i] = torch.multinomial(probs[i], 1, generator=g)[0]

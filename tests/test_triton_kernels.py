@@ -206,26 +206,88 @@ def test_store_kv(dtype):
     assert torch.equal(v_cache.view(48, 2, 32), expected_v)
 
 
-def test_paged_attention_fused_writes_then_attends():
-    """A prefill chunk after a cached prefix plus a decode token: K/V of the step is written, then attended."""
-    gen = torch.Generator().manual_seed(3)
-    seq_lens, q_lens = [40, 19], [12, 1]
-    k_cache, v_cache, block_tables, dense = make_cache(seq_lens, 8, 2, 32, torch.float32, gen)
-    query = torch.randn(13, 4, 32, generator=gen)
-    key = torch.randn(13, 2, 32, generator=gen)
-    value = torch.randn(13, 2, 32, generator=gen)
-    positions = [range(28, 40), range(18, 19)]
-    slots = torch.tensor([int(block_tables[i, p // 8]) * 8 + p % 8 for i, ps in enumerate(positions) for p in ps])
-    cu = torch.tensor([0, 12, 13], dtype=torch.int32)
+def _step_kv(seq_lens, q_lens, num_kv_heads, head_dim, dtype, gen):
+    """The step's own K/V and their positions. As transformers hands them over, key (after rotary)
+    is a head-major view and value a token-major one: their strides differ."""
+    total = sum(q_lens)
+    key = torch.randn(num_kv_heads, total, head_dim, generator=gen).to(dtype).transpose(0, 1)
+    value = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    positions = [range(n - q, n) for n, q in zip(seq_lens, q_lens)]
+    return key, value, positions
+
+
+def _slots(block_tables, positions, block_size):
+    return torch.tensor([int(block_tables[i, p // block_size]) * block_size + p % block_size
+                         for i, ps in enumerate(positions) for p in ps])
+
+
+FUSED_CASES = [
+    # seed, dtype, block_size, num_kv_heads, group, window, softcap
+    (0, torch.float32, 8, 2, 2, None, None),
+    (1, torch.float32, 16, 1, 4, 9, None),
+    (2, torch.float32, 8, 2, 1, None, 3.0),
+    (3, torch.bfloat16, 16, 2, 2, 20, 2.0),
+]
+
+
+@pytest.mark.parametrize("seed,dtype,block_size,num_kv_heads,group,window,softcap", FUSED_CASES)
+def test_fused_prefill_reads_the_chunk_from_key_value_and_writes_it(seed, dtype, block_size, num_kv_heads,
+                                                                      group, window, softcap):
+    """Chunks after a cached prefix, a full prefill and a decode token in one launch. The cache holds
+    garbage where the step's tokens go, so reading them back from it before the write would show."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens, q_lens = [40, 19, 33, 70], [12, 1, 33, 5]
+    k_cache, v_cache, block_tables, dense = make_cache(seq_lens, block_size, num_kv_heads, 32, dtype, gen)
+    query = torch.randn(sum(q_lens), num_kv_heads * group, 32, generator=gen).to(dtype)
+    key, value, positions = _step_kv(seq_lens, q_lens, num_kv_heads, 32, dtype, gen)
+    slots = _slots(block_tables, positions, block_size)
+    slots[13] = -1  # a token whose K/V must not be written (its cache slot keeps its old value)
+    kept = k_cache.view(-1, num_kv_heads, 32)[_slots(block_tables, positions, block_size)[13]].clone()
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     out = ta.paged_attention_fused(query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), k_cache, v_cache,
                                    slots.to(DEVICE), block_tables, cu.to(DEVICE),
-                                   torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 0.3, max_seqlen_q=12)
+                                   torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 0.3,
+                                   sliding_window=window, softcap=softcap, max_seqlen_q=max(q_lens))
     refs = []
     for i, (k, v) in enumerate(dense):
         rows = slice(cu[i], cu[i + 1])
-        k[positions[i].start:], v[positions[i].start:] = key[rows], value[rows]
-        refs.append(reference(query[rows], k, v, 0.3))
-    assert relative_error(out.cpu(), torch.cat(refs)) <= TOLERANCE[torch.float32]
+        k[positions[i].start:], v[positions[i].start:] = key[rows].float(), value[rows].float()
+        refs.append(reference(query[rows], k, v, 0.3, window, softcap))
+    assert relative_error(out.cpu(), torch.cat(refs)) <= TOLERANCE[dtype]
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, 32).cpu(), v_cache.view(-1, num_kv_heads, 32).cpu()
+    written = slots >= 0
+    assert torch.equal(flat_k[slots[written]], key[written])
+    assert torch.equal(flat_v[slots[written]], value[written])
+    assert torch.equal(flat_k[_slots(block_tables, positions, block_size)[13]], kept.cpu())
+
+
+@pytest.mark.parametrize("seed,dtype,block_size,num_kv_heads,group,window,softcap", FUSED_CASES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_fused_decode_writes_the_new_token_once(seed, dtype, block_size, num_kv_heads, group, window, softcap,
+                                                 num_splits):
+    """The split holding position len - 1 takes the new token from key/value and stores it; a padded
+    row (slot -1, as CUDA-graph buckets add) attends but writes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [1, 2 * block_size, 75, 300]
+    k_cache, v_cache, block_tables, dense = make_cache(seq_lens, block_size, num_kv_heads, 32, dtype, gen)
+    before = (k_cache.clone(), v_cache.clone())
+    query = torch.randn(5, num_kv_heads * group, 32, generator=gen).to(dtype)
+    key, value, positions = _step_kv(seq_lens + [1], [1] * 5, num_kv_heads, 32, dtype, gen)
+    slots = torch.cat([_slots(block_tables, positions[:4], block_size), torch.tensor([-1])])
+    lens = torch.tensor(seq_lens + [1], dtype=torch.int32, device=DEVICE)
+    tables = torch.cat([block_tables, torch.zeros_like(block_tables[:1])])
+    out = ta.paged_decode_attention(query.to(DEVICE), k_cache, v_cache, tables, lens, 0.25, window, softcap,
+                                    num_splits=num_splits, key=key.to(DEVICE), value=value.to(DEVICE),
+                                    slot_mapping=slots.to(DEVICE)).cpu()
+    refs = []
+    for i, (k, v) in enumerate(dense):
+        k[-1], v[-1] = key[i].float(), value[i].float()
+        refs.append(reference(query[i:i + 1], k, v, 0.25, window, softcap))
+    assert relative_error(out[:4], torch.cat(refs)) <= TOLERANCE[dtype]
+    expect_k, expect_v = before[0].view(-1, num_kv_heads, 32).cpu(), before[1].view(-1, num_kv_heads, 32).cpu()
+    expect_k[slots[:4]], expect_v[slots[:4]] = key[:4], value[:4]
+    assert torch.equal(k_cache.view(-1, num_kv_heads, 32).cpu(), expect_k)
+    assert torch.equal(v_cache.view(-1, num_kv_heads, 32).cpu(), expect_v)
 
 
 def test_int64_cache_offsets(monkeypatch):

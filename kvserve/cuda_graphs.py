@@ -1,0 +1,127 @@
+"""Decode steps replayed from CUDA graphs captured at bucketed batch sizes.
+
+A decode-only step (every row one token, the common steady state) has a fixed shape once the
+batch is padded up to a bucket: its inputs live in static device buffers, the block tables are
+padded to the width max_model_len needs, and the Triton decode kernel takes its split count from
+that width, so nothing in the forward depends on a host-side value. Each bucket's forward is
+captured once at start-up (all buckets share one memory pool) and a step is then: copy the inputs
+into the static buffers from pinned host memory (non-blocking), replay, sample from the static
+logits. Padded rows decode position 0 with slot -1: the fused kernels write nothing for them.
+
+Without CUDA (tests on CPU through TRITON_INTERPRET=1) the same padded static-buffer forward runs
+eagerly, so everything but the capture itself is exercised.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cache.attention import AttentionMetadata, TritonBatch
+
+log = logging.getLogger("kvserve")
+
+
+def buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 (to 64) and of 16 beyond; always max_batch itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch]
+    sizes += list(range(8, min(max_batch, 64) + 1, 8)) + list(range(80, max_batch + 1, 16))
+    return sorted(set(sizes) | {max_batch})
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, block_size: int, max_model_len: int, max_batch: int,
+                 device: torch.device, capture: bool):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.capture = capture
+        self.buckets = buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.width = -(-max_model_len // block_size)
+        b, w = self.max_batch, self.width
+        # one host staging row per buffer, pinned on CUDA so the uploads do not block the host
+        pin = device.type == "cuda"
+        self.host_ids = torch.zeros(b, dtype=torch.long, pin_memory=pin)
+        self.host_pos = torch.zeros(b, dtype=torch.long, pin_memory=pin)
+        self.host_slots = torch.full((b,), -1, dtype=torch.long, pin_memory=pin)
+        self.host_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
+        self.host_tables = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        self.ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.pos = torch.zeros(b, dtype=torch.long, device=device)
+        self.slots = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(b, w, dtype=torch.int32, device=device)
+        self.rows = torch.arange(b, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: torch.Tensor | None = None   # [max_batch, V]: every graph writes its logits here
+
+    def fits(self, num_seqs: int, max_len: int) -> bool:
+        return num_seqs <= self.max_batch and max_len <= self.width * self.block_size
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        """The padded decode forward of the first bs rows of the static buffers -> logits [bs, V]."""
+        batch = TritonBatch(block_tables=self.tables[:bs], seq_lens=self.seq_lens[:bs], num_decodes=bs,
+                            cu_seqlens_q=self.seq_lens[:1], max_seqlen_q=0)
+        meta = AttentionMetadata(self.slots[:bs], [], None, [], [], self.kv_caches, triton=batch)
+        out = self.model(input_ids=self.ids[None, :bs], position_ids=self.pos[None, :bs], use_cache=False,
+                         logits_to_keep=self.rows[:bs], kv_meta=meta)
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first, into one shared memory pool."""
+        t0 = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for bs in reversed(self.buckets):
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                warm = self._forward(bs)          # warm-up: Triton compiles, the allocator settles
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self.logits is None:
+                self.logits = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=self.device)
+            del warm
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                # the forward's own tensors are freed back to the shared pool after capture; only
+                # the copy into the one static logits buffer survives
+                self.logits[:bs].copy_(self._forward(bs))
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1fs, %.0f MiB",
+                 len(self.buckets), self.max_batch, time.perf_counter() - t0, used / 2**20)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            seq_lens: list[int]) -> torch.Tensor:
+        """One decode step of len(ids) sequences -> logits [len(ids), V] (a view of static memory)."""
+        n = len(ids)
+        bs = self.bucket(n)
+        self.host_ids[:n] = torch.tensor(ids)
+        self.host_pos[:n] = torch.tensor(positions)
+        self.host_slots[:n] = torch.tensor(slots)
+        self.host_lens[:n] = torch.tensor(seq_lens, dtype=torch.int32)
+        width = max(len(t) for t in tables)
+        self.host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        # rows n..bs are padding: position 0, slot -1 (no write), length 1
+        self.host_ids[n:bs] = 0
+        self.host_pos[n:bs] = 0
+        self.host_slots[n:bs] = -1
+        self.host_lens[n:bs] = 1
+        for host, dev in ((self.host_ids, self.ids), (self.host_pos, self.pos), (self.host_slots, self.slots),
+                          (self.host_lens, self.seq_lens)):
+            dev[:bs].copy_(host[:bs], non_blocking=True)
+        # Columns past a row's table are never read (the kernels stop at seq_len), so only the
+        # used width is uploaded; stale entries beyond it are harmless.
+        self.tables[:bs, :width].copy_(self.host_tables[:bs, :width], non_blocking=True)
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            return self.logits[:n]
+        return self._forward(bs)[:n]
