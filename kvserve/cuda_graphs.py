@@ -24,9 +24,9 @@ log = logging.getLogger("kvserve")
 
 
 def buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 (to 64) and of 16 beyond; always max_batch itself."""
+    """1, 2, 4, then every multiple of 8 to 128 and of 16 beyond; always max_batch itself."""
     sizes = [b for b in (1, 2, 4) if b < max_batch]
-    sizes += list(range(8, min(max_batch, 64) + 1, 8)) + list(range(80, max_batch + 1, 16))
+    sizes += list(range(8, min(max_batch, 128) + 1, 8)) + list(range(144, max_batch + 1, 16))
     return sorted(set(sizes) | {max_batch})
 
 

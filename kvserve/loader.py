@@ -50,10 +50,20 @@ def load(cfg: EngineConfig):
         cfg.model, revision=cfg.revision, dtype=dtype, attn_implementation=ATTN_NAME,
         trust_remote_code=cfg.trust_remote_code, device_map=str(device) if device.type == "cuda" else None)
     model.to(device).eval()
+    _skip_padding_check(model)
     log.info("loaded %s in %.1fs: %s, %.1fM parameters (transformers %s)", cfg.model,
              time.perf_counter() - t0, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, transformers.__version__)
     return model, tokenizer, hf_config, device, dtype
+
+
+def _skip_padding_check(model) -> None:
+    """Some models (GPT-2) look for pad tokens in input_ids on every forward to warn about a missing
+    attention mask: a device -> host read per step. kvserve packs sequences without padding, so the
+    check can only misfire; it is switched off on this model instance."""
+    for module in model.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
 
 
 def model_max_length(hf_config) -> int | None:

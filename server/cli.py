@@ -83,6 +83,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-num-batched-tokens", "token budget of one engine step", type=int, default=2048)
     add_flag(p, "--max-model-len", "maximum prompt + output length; default: the model's", type=int)
     add_switch(p, "--no-prefix-caching", "disable prefix caching")
+    add_flag(p, "--attention-backend", "paged attention: triton kernels (auto on CUDA) or the PyTorch path",
+             default="auto", choices=["auto", "torch", "triton"])
+    add_switch(p, "--enforce-eager", "no CUDA graphs: run decode steps eagerly (CUDA graphs are captured "
+               "at start-up by default on CUDA with the triton backend)")
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
              default=1024)
     add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker "
@@ -129,7 +133,8 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching)
+        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+        cuda_graphs=False if args.enforce_eager else None)
 
 
 def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:

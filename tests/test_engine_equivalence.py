@@ -124,3 +124,24 @@ def test_triton_backend(tiny_arch, tiny_model_factory, reference):
     assert_matches(tiny_arch, reference, prompts + prompts[:1],
                    llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy()))
     assert llm.engine.stats().num_preemptions > 0 and llm.engine.stats().prefix_hit_tokens > 0
+
+
+@pytest.mark.parametrize("tiny_arch,max_batch,buckets", [("llama", 4, [1, 2, 4]), ("gemma2", 2, [1, 2])])
+def test_decode_graph_path(tiny_arch, max_batch, buckets, tiny_model_factory, reference):
+    """The CUDA-graph decode path: static buffers padded to bucketed batch sizes, tables padded to
+    max_model_len's width, padded rows writing nothing (run eagerly here; captured on CUDA). Batches
+    above the largest bucket and steps with prefill chunks fall back to the varlen path."""
+    pytest.importorskip("triton")
+    llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
+              attention_backend="triton", cuda_graphs=True, cuda_graph_max_batch=max_batch)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.buckets == buckets
+    batch_sizes = []
+    run = graphs.run
+    graphs.run = lambda ids, *args: batch_sizes.append(len(ids)) or run(ids, *args)
+    prompts = _prompts(7, (9, 30, 41))
+    assert_matches(tiny_arch, reference, prompts + prompts[:1],
+                   llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy()))
+    # llama: 3 decodes run padded to the bucket of 4; gemma2: 3 decodes exceed the largest bucket
+    assert (3 in batch_sizes) == (max_batch >= 3) and {1, 2} <= set(batch_sizes), batch_sizes
+    assert llm.engine.stats().num_preemptions > 0 and llm.engine.stats().prefix_hit_tokens > 0

@@ -32,7 +32,8 @@ def test_serve_help_names_flags_and_env_vars():
                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
                  "kv-cache-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
-                 "max-model-len", "no-prefix-caching", "max-waiting-requests", "shutdown-timeout", "log-level"):
+                 "max-model-len", "no-prefix-caching", "attention-backend", "enforce-eager", "max-waiting-requests",
+                 "shutdown-timeout", "log-level"):
         assert f"--{flag}" in out and "KVSERVE_" + flag.upper().replace("-", "_") in out, flag
 
 
