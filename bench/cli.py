@@ -11,6 +11,7 @@ BENCHMARKS = {
     "memory": "bench.memory",
     "prefix": "bench.prefix",
     "serve": "bench.serve",
+    "decode-floor": "bench.decode_floor",
 }
 
 

@@ -47,11 +47,15 @@ def _jit(fn):
 
 
 _LOG2E = 1.4426950408889634
-# Tiles for 16-bit caches, checked free of register spills when compiled for sm_90; float32 (an FMA
-# dot, a correctness path rather than a serving one) needs smaller tiles to stay near spill-free.
+# Tiles for 16-bit caches, for head_dim <= 64 ("half") and above ("half_wide"), chosen so that the
+# fused kernels compile for sm_80 and sm_90 with no register spills (tests/triton_sass_check.py
+# checks it with Triton's ptxas; no GPU needed). They are not yet tuned for speed on a GPU.
+# float32 (an FMA dot, a correctness path rather than a serving one) uses small tiles.
 _DECODE_CONFIG = {"half": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+                  "half_wide": dict(BLOCK_N=32, num_warps=8, num_stages=3),
                   "float32": dict(BLOCK_N=32, num_warps=8, num_stages=2)}
-_PREFILL_CONFIG = {"half": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+_PREFILL_CONFIG = {"half": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+                   "half_wide": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3),
                    "float32": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)}
 _OFFSET_64_FROM = 2**31  # cache elements from which offsets into it need int64
 
@@ -190,17 +194,38 @@ def _attend_range(
 
 
 @_jit
-def _attend_and_store(
+def _store_step_kv(
+    key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, first_token, count, kv_head,
+    stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Write tokens [first_token, first_token + count) of the step's key/value, head kv_head, at
+    their slots (-1 skips). Runs before the attention so nothing of it is live meanwhile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for i in range(0, count):
+        token = (first_token + i).to(tl.int64)
+        slot = tl.load(slot_ptr + token)
+        if slot >= 0:
+            k = tl.load(key_ptr + token * stride_nt + kv_head * stride_nh + offs_d, mask=d_mask)
+            v = tl.load(value_ptr + token * stride_vt + kv_head * stride_vh + offs_d, mask=d_mask)
+            dst = (slot // BLOCK_SIZE).to(tl.int64) * stride_kb + (slot % BLOCK_SIZE) * stride_kt
+            dst = dst + kv_head * stride_kh + offs_d
+            tl.store(k_cache_ptr + dst, k, mask=d_mask)
+            tl.store(v_cache_ptr + dst, v, mask=d_mask)
+
+
+@_jit
+def _attend(
     q, qpos, row_valid, start, end, new_start, k_cache_ptr, v_cache_ptr, block_table_ptr,
-    key_ptr, value_ptr, slot_ptr, first_token, store_start, store_end, kv_head,
+    key_ptr, value_ptr, first_token, kv_head,
     stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh, score_scale, cap_scale, window,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, FUSED: tl.constexpr, OFFSET_64: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Attend keys [start, end). FUSED: positions from new_start on are this step's tokens (token
-    first_token + p - new_start of key/value), read from there rather than the cache; the program also
-    writes the step's positions [store_start, store_end) into the cache at their slots (-1 skips)."""
+    first_token + p - new_start of key/value), read from there rather than from the cache."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -213,27 +238,13 @@ def _attend_and_store(
         BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, OFFSET_64, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
     )
     if FUSED:
-        row_shift = first_token - new_start
         acc, m, l = _attend_range(
             q, qpos, row_valid, acc, m, l, tl.maximum(start, new_start), end, key_ptr, value_ptr,
-            block_table_ptr, kv_head * stride_nh, 0, stride_nt, kv_head * stride_vh, stride_vt, row_shift,
-            score_scale, cap_scale, window,
+            block_table_ptr, kv_head * stride_nh, 0, stride_nt, kv_head * stride_vh, stride_vt,
+            first_token - new_start, score_scale, cap_scale, window,
             BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, OFFSET_64, USE_SOFTCAP, USE_WINDOW,
             DOT_PRECISION, UPCAST,
         )
-        # The write: only positions no program of this step reads from the cache.
-        offs_d = tl.arange(0, BLOCK_D)
-        for pos in range(store_start, store_end):
-            token = (pos + row_shift).to(tl.int64)
-            slot = tl.load(slot_ptr + token)
-            if slot >= 0:
-                k_src = token * stride_nt + kv_head * stride_nh + offs_d
-                v_src = token * stride_vt + kv_head * stride_vh + offs_d
-                block = (slot // BLOCK_SIZE).to(tl.int64)
-                dst = block * stride_kb + (slot % BLOCK_SIZE) * stride_kt + kv_head * stride_kh + offs_d
-                d_mask = offs_d < HEAD_DIM
-                tl.store(k_cache_ptr + dst, tl.load(key_ptr + k_src, mask=d_mask), mask=d_mask)
-                tl.store(v_cache_ptr + dst, tl.load(value_ptr + v_src, mask=d_mask), mask=d_mask)
     return acc, m, l
 
 
@@ -260,6 +271,13 @@ def _decode_kernel(
     start = ctx_start + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
+    if FUSED:
+        # the new token (position seq_len - 1, token `seq` of the step) is stored by the split holding it
+        holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
+        _store_step_kv(key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, seq, tl.where(holds_new, 1, 0),
+                       kv_head, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+                       BLOCK_D, HEAD_DIM, BLOCK_SIZE)
+
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < GROUP
@@ -268,12 +286,9 @@ def _decode_kernel(
     q_off = seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr + q_off, mask=mask, other=0.0)
     qpos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
-    # The new token (position seq_len - 1, token `seq` of the step) is stored by the split holding it.
-    holds_new = (start <= seq_len - 1) & (seq_len - 1 < end)
-    acc, m, l = _attend_and_store(
+    acc, m, l = _attend(
         q, qpos, row_valid, start, end, seq_len - 1, k_cache_ptr, v_cache_ptr,
-        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, slot_ptr, seq,
-        seq_len - 1, tl.where(holds_new, seq_len, seq_len - 1), kv_head,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, seq, kv_head,
         stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh, score_scale, cap_scale, window,
         BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, FUSED, OFFSET_64, USE_SOFTCAP, USE_WINDOW,
         DOT_PRECISION, UPCAST,
@@ -340,6 +355,12 @@ def _prefill_kernel(
     if USE_WINDOW:
         start = tl.maximum(first_pos - window + 1, 0)
 
+    if FUSED:
+        # each tile stores its own tokens; no program reads the chunk's keys from the cache
+        _store_step_kv(key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_start + tok0,
+                       end - first_pos, kv_head, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh,
+                       stride_vt, stride_vh, BLOCK_D, HEAD_DIM, BLOCK_SIZE)
+
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tok = tok0 + rows // GROUP
@@ -349,11 +370,10 @@ def _prefill_kernel(
     token = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask, other=0.0)
-    # Each tile stores its own tokens; the chunk's keys are read from key/value, never the cache.
-    acc, m, l = _attend_and_store(
+    acc, m, l = _attend(
         q, first_pos + rows // GROUP, row_valid, start, end, chunk_start, k_cache_ptr, v_cache_ptr,
-        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, slot_ptr, q_start,
-        first_pos, end, kv_head, stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, key_ptr, value_ptr, q_start, kv_head,
+        stride_kb, stride_kt, stride_kh, stride_nt, stride_nh, stride_vt, stride_vh,
         score_scale, cap_scale, window, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, FUSED, OFFSET_64,
         USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, UPCAST,
     )
@@ -378,8 +398,10 @@ def _score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
     return scale * _LOG2E, 1.0
 
 
-def _config(table: dict, dtype: torch.dtype) -> dict:
-    return dict(table["float32" if dtype == torch.float32 else "half"])
+def _config(table: dict, dtype: torch.dtype, head_dim: int) -> dict:
+    if dtype == torch.float32:
+        return dict(table["float32"])
+    return dict(table["half" if head_dim <= 64 else "half_wide"])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -483,7 +505,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         BLOCK_M=max(16, _next_pow2(group)), BLOCK_D=block_d,
         SPLIT=split, FUSED=fused, OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype),
-        **_config(_DECODE_CONFIG, query.dtype),
+        **_config(_DECODE_CONFIG, query.dtype, head_dim),
     )
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -517,7 +539,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         return out
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    config = _config(_PREFILL_CONFIG, query.dtype)
+    config = _config(_PREFILL_CONFIG, query.dtype, head_dim)
     block_m = max(16, min(config.pop("BLOCK_M"), _next_pow2(max_seqlen_q * group)), _next_pow2(group))
     tokens_per_tile = block_m // group
     score_scale, cap_scale = _score_scales(scale, softcap)

@@ -299,3 +299,20 @@ def test_int64_cache_offsets(monkeypatch):
 
 def test_is_available():
     assert ta.is_available()
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_register_spills():
+    """The interpreter runs the kernels as Python; this compiles them for real GPUs with Triton's
+    own ptxas (no GPU needed): the fused decode and prefill kernels, bf16, at the tile configs the
+    wrappers pick for Qwen2.5-0.5B, Llama-3.2-1B and a head_dim-128 window + soft-cap shape."""
+    import json
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "triton_sass_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(cases) == 12
+    spilled = [c for c in cases if c["local_bytes"] or c["stack"]]
+    assert not spilled, spilled
