@@ -166,7 +166,7 @@ class LLMEngine:
         state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids))
         state.text += piece
         n_out = seq.num_output_tokens
-        if token in params.stop_token_ids:
+        if token in params.stop_token_ids and n_out >= params.min_tokens:
             return self.scheduler.finish(seq, "stop_token", token)
         if not params.ignore_eos and token in seq.eos_token_ids and n_out >= params.min_tokens:
             return self.scheduler.finish(seq, "eos", token)

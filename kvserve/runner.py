@@ -164,8 +164,17 @@ class ModelRunner:
             return [], [], []
         seqs = [sched.seqs[r] for r in sample_rows]
         tokens, logprobs = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                                  [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs])
+                                  [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs],
+                                  [self._banned(s) for s in seqs])
         return tokens, logprobs, sample_rows
+
+    @staticmethod
+    def _banned(seq) -> list[int]:
+        """Before min_tokens, EOS (unless ignored) and the stop token ids cannot be sampled."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(seq.eos_token_ids))
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:

@@ -7,12 +7,15 @@ from scheduler.sampling_params import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
-           num_prompt: list[int], generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """logits [S, V] (float32). Returns chosen token ids and their log-probabilities under the
-    model's unprocessed distribution."""
+           num_prompt: list[int], generators: list[torch.Generator | None],
+           banned: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
+    """logits [S, V]. Returns chosen token ids and their log-probabilities under the model's
+    unprocessed distribution. banned[i]: token ids row i may not produce (EOS and stop tokens
+    while min_tokens is not reached)."""
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
-    if all(p.greedy and not _has_penalty(p) for p in params):
+    banned = banned or [[] for _ in params]
+    if all(p.greedy and not _has_penalty(p) for p in params) and not any(banned):
         chosen = logits.argmax(dim=-1)
     else:
         chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
@@ -20,6 +23,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
         for i, p in enumerate(params):
             if _has_penalty(p):
                 _apply_penalties(logits[i], p, token_ids[i], num_prompt[i])
+            ids = [t for t in banned[i] if t < logits.shape[1]]
+            if ids:
+                logits[i, _upload(ids, logits.device)] = float("-inf")
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             rows = _upload(greedy, logits.device)

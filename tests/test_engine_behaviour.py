@@ -85,6 +85,25 @@ def test_eos_stops_unless_ignored(llm):
     assert eos in llm.engine.eos_token_ids
 
 
+def test_min_tokens_keeps_eos_and_stop_tokens_from_being_sampled(llm, monkeypatch):
+    """Before min_tokens, EOS and stop_token_ids are masked out of the logits (as in vLLM and
+    OpenAI): they are never produced, rather than produced and then ignored."""
+    free = llm.generate("min tokens", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids
+    early = free[1]
+    # the model "wants" to stop at its second token: make that token its EOS
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({early}))
+    stopped = llm.generate("min tokens", SamplingParams(max_tokens=16, temperature=0))[0]
+    assert stopped.finish_reason == "eos" and stopped.token_ids == free[:2]
+    for params in (SamplingParams(max_tokens=16, temperature=0, min_tokens=6),
+                   SamplingParams(max_tokens=16, temperature=0, min_tokens=6, ignore_eos=True, stop_token_ids=[early]),
+                   SamplingParams(max_tokens=16, temperature=0.9, seed=3, min_tokens=6)):
+        out = llm.generate("min tokens", params)[0]
+        assert early not in out.token_ids[:6], (params, out.token_ids)
+        assert len(out.token_ids) >= 6
+        if out.finish_reason != "length":
+            assert out.token_ids[-1] == early and early not in out.token_ids[:-1]
+
+
 def test_prompt_longer_than_max_model_len_is_rejected_not_truncated(demo_model_dir):
     llm = LLM(demo_model_dir, num_kv_blocks=64, max_model_len=100)
     with pytest.raises(PromptTooLongError) as err:
