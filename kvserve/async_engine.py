@@ -19,10 +19,18 @@ log = logging.getLogger("kvserve")
 
 class AsyncEngine:
     """Thread-safe add / stream / abort. The engine thread never waits on a client: each request's
-    outputs go into its own unbounded asyncio queue on the caller's event loop."""
+    outputs go into its own unbounded asyncio queue on the caller's event loop.
+
+    The engine thread also builds the engine, so it is the only thread that ever runs torch ops.
+    On CPU, torch's OpenMP gives every thread that runs a parallel op its own team of workers; once
+    a second team exists (say, the loading thread's) there are more OpenMP threads than cores and
+    libgomp stops spinning between ops, so each op pays a futex wake-up. Measured on 2 cores: a
+    decode step of 14.9 ms took 19.4-20.7 ms when the engine had been built on another thread.
+    """
 
     def __init__(self, cfg: EngineConfig, max_waiting_requests: int = 1024):
-        self.engine = LLMEngine(cfg)
+        """Builds the engine on its own thread and returns once it is loaded (raising its error)."""
+        self.engine: LLMEngine
         self.max_waiting_requests = max_waiting_requests
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -30,9 +38,18 @@ class AsyncEngine:
         self._lock = threading.RLock()          # guards engine state; listeners may call stats()
         self._adds_sent = 0                     # written by callers only
         self._adds_taken = 0                    # written by the engine thread only
-        self._thread: threading.Thread | None = None
         self._stopping = False
+        self._started = threading.Event()
         self.dead_error: BaseException | None = None
+        built = threading.Event()
+        build_error: list[BaseException] = []
+        self._thread = threading.Thread(target=self._main, args=(cfg, built, build_error), name="kvserve-engine",
+                                        daemon=True)
+        self._thread.start()
+        built.wait()
+        if build_error:
+            self._thread.join()
+            raise build_error[0]
 
     # the engine's description
     @property
@@ -57,7 +74,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+        return self._started.is_set() and self._thread.is_alive() and self.dead_error is None
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -80,14 +97,13 @@ class AsyncEngine:
 
     # lifecycle
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
-        self._thread.start()
+        self._started.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._started.set()       # a thread still waiting to start goes straight to stopping
+        self._thread.join(timeout)
 
     # requests
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -126,6 +142,17 @@ class AsyncEngine:
         self._wake.set()
 
     # the engine thread
+    def _main(self, cfg: EngineConfig, built: threading.Event, build_error: list[BaseException]) -> None:
+        try:
+            self.engine = LLMEngine(cfg)
+        except BaseException as exc:
+            build_error.append(exc)
+            return
+        finally:
+            built.set()
+        self._started.wait()
+        self._run()
+
     def _run(self) -> None:
         try:
             while not self._stopping:
