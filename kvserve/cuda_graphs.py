@@ -48,12 +48,14 @@ class DecodeGraphs:
         self.host_pos = torch.zeros(b, dtype=torch.long, pin_memory=pin)
         self.host_slots = torch.full((b,), -1, dtype=torch.long, pin_memory=pin)
         self.host_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
-        self.host_tables = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        self.host_tables = torch.zeros(b * w, dtype=torch.int32, pin_memory=pin)   # [bs, width] packed
         self.ids = torch.zeros(b, dtype=torch.long, device=device)
         self.pos = torch.zeros(b, dtype=torch.long, device=device)
         self.slots = torch.full((b,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
         self.tables = torch.zeros(b, w, dtype=torch.int32, device=device)
+        self.tables_upload = torch.zeros(b * w, dtype=torch.int32, device=device)
+        self.uploaded = torch.cuda.Event() if device.type == "cuda" else None  # staging may be rewritten
         self.rows = torch.arange(b, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None   # [max_batch, V]: every graph writes its logits here
@@ -89,10 +91,17 @@ class DecodeGraphs:
                 self.logits = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=self.device)
             del warm
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                # the forward's own tensors are freed back to the shared pool after capture; only
-                # the copy into the one static logits buffer survives
-                self.logits[:bs].copy_(self._forward(bs))
+            try:
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    # the forward's own tensors are freed back to the shared pool after capture;
+                    # only the copy into the one static logits buffer survives
+                    self.logits[:bs].copy_(self._forward(bs))
+            except BaseException:
+                # an invalidated capture raises from capture_end() before the stream context
+                # is left: put the default stream back and keep no half-captured graphs
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))
+                self.graphs.clear()
+                raise
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
@@ -104,23 +113,32 @@ class DecodeGraphs:
         """One decode step of len(ids) sequences -> logits [len(ids), V] (a view of static memory)."""
         n = len(ids)
         bs = self.bucket(n)
+        if self.uploaded is not None:
+            self.uploaded.synchronize()   # the previous step's uploads have left the staging buffers
         self.host_ids[:n] = torch.tensor(ids)
         self.host_pos[:n] = torch.tensor(positions)
         self.host_slots[:n] = torch.tensor(slots)
         self.host_lens[:n] = torch.tensor(seq_lens, dtype=torch.int32)
-        width = max(len(t) for t in tables)
-        self.host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         # rows n..bs are padding: position 0, slot -1 (no write), length 1
         self.host_ids[n:bs] = 0
         self.host_pos[n:bs] = 0
         self.host_slots[n:bs] = -1
         self.host_lens[n:bs] = 1
+        # The tables travel packed as [bs, width] (one contiguous pinned upload), then spread on the
+        # device. Columns past a row's table are never read (the kernels stop at seq_len), so stale
+        # entries there, and in padding rows, are harmless.
+        width = max(len(t) for t in tables)
+        packed = self.host_tables[:bs * width].view(bs, width)
+        packed[:n] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        packed[n:] = 0
         for host, dev in ((self.host_ids, self.ids), (self.host_pos, self.pos), (self.host_slots, self.slots),
                           (self.host_lens, self.seq_lens)):
             dev[:bs].copy_(host[:bs], non_blocking=True)
-        # Columns past a row's table are never read (the kernels stop at seq_len), so only the
-        # used width is uploaded; stale entries beyond it are harmless.
-        self.tables[:bs, :width].copy_(self.host_tables[:bs, :width], non_blocking=True)
+        upload = self.tables_upload[:bs * width]
+        upload.copy_(self.host_tables[:bs * width], non_blocking=True)
+        self.tables[:bs, :width].copy_(upload.view(bs, width))
+        if self.uploaded is not None:
+            self.uploaded.record()
         if bs in self.graphs:
             self.graphs[bs].replay()
             return self.logits[:n]

@@ -81,29 +81,44 @@ class ModelRunner:
         return max(1, min(budget, useful) // self.bytes_per_block)
 
     def _profile_gpu_blocks(self, utilization: float) -> int:
-        """Blocks that fit in the device memory left after the weights and the largest forward."""
+        """Blocks that fit in the device memory left after the weights, the largest forward with its
+        sampling, and (with CUDA graphs) the graphs' pool and static logits."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         n = self.cfg.max_num_batched_tokens
+        rows = min(n, self.cfg.max_num_seqs)
+        weights = torch.cuda.memory_allocated(self.device)
         ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)[None]
         with torch.inference_mode():
-            self.model(input_ids=ids, position_ids=pos, use_cache=False,
-                       logits_to_keep=torch.tensor([n - 1], device=self.device),
-                       kv_meta=self._profile_meta(n))
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
+                                logits_to_keep=torch.arange(n - rows, n, device=self.device),
+                                kv_meta=self._profile_meta(n)).logits[0]
+            torch.log_softmax(logits.float(), dim=-1).sort(dim=-1)   # the sampler's largest scratch
+            del logits
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         in_use = total - free
-        available = total * utilization - max(in_use, peak)
+        graphs = 0
+        if self._graphs_wanted():
+            # their own pool: about one decode forward at the largest bucket, plus [batch, V] logits
+            batch = min(self.cfg.max_num_seqs, self.cfg.cuda_graph_max_batch)
+            elem = torch.tensor([], dtype=self.dtype).element_size()
+            graphs = batch * self.vocab_size * max(elem, 4) + (peak - weights) * batch // n
+        available = total * utilization - max(in_use, peak) - graphs
         num = int(available // self.bytes_per_block)
-        log.info("GPU memory: %.1f GiB total, %.1f GiB in use after profiling (peak %.1f GiB); "
-                 "KV budget %.1f GiB at utilization %.2f", total / 2**30, in_use / 2**30,
-                 peak / 2**30, available / 2**30, utilization)
+        log.info("GPU memory: %.1f GiB total, %.1f GiB in use after profiling (peak %.1f GiB), %.2f GiB kept for "
+                 "CUDA graphs; KV budget %.1f GiB at utilization %.2f", total / 2**30, in_use / 2**30,
+                 peak / 2**30, graphs / 2**30, available / 2**30, utilization)
         if num < 1:
             raise RuntimeError("no GPU memory is left for the KV cache; lower max_num_batched_tokens "
                                "or raise gpu_memory_utilization")
         return num
+
+    def _graphs_wanted(self) -> bool:
+        return (self.cfg.cuda_graphs is not False and self.attention_backend == "triton"
+                and self.device.type == "cuda")
 
     def _profile_meta(self, n: int) -> AttentionMetadata:
         """A throwaway pool and metadata for one n-token prefill (memory profiling only)."""

@@ -1,6 +1,8 @@
 """Turn the logits of the sampling rows into tokens, per request's SamplingParams."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from scheduler.sampling_params import SamplingParams
@@ -58,10 +60,12 @@ def _apply_penalties(row: torch.Tensor, p: SamplingParams, tokens: list[int], nu
         if seen.numel():
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    output = [t for t in tokens[num_prompt:] if t < vocab]
+    output = Counter(t for t in tokens[num_prompt:] if t < vocab)
     if output and (p.presence_penalty or p.frequency_penalty):
-        counts = torch.bincount(_upload(output, row.device), minlength=vocab)[:vocab].float()
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        # counted on the host (torch.bincount on CUDA reads its input's range back: a sync)
+        ids = _upload(list(output), row.device)
+        counts = _upload(list(output.values()), row.device, torch.float32)
+        row.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
 
 
 def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -200,3 +200,16 @@ def test_async_engine_runs_all_torch_work_on_its_own_thread(demo_model_dir, monk
     engine.shutdown()
     assert seen[0] == ("build", "kvserve-engine")
     assert {name for _, name in seen} == {"kvserve-engine"} and len(seen) > 2
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    """logit[t] -= frequency * count(t in output) + presence * (t in output); the prompt is not counted."""
+    import torch
+
+    from kvserve.sampler import _apply_penalties
+    row = torch.zeros(8)
+    _apply_penalties(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 3, 3, 3, 5, 9], 2)
+    expected = torch.zeros(8)
+    expected[3] -= 0.25 * 2 + 0.5
+    expected[5] -= 0.25 + 0.5
+    assert torch.equal(row, expected)
