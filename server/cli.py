@@ -90,7 +90,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
              default=1024)
     add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker "
-             "kills after 10 s by default)", type=float, default=8.0)
+             "kills after 10 s by default)", type=float, default=6.0)
     add_flag(p, "--sse-keepalive", "seconds between SSE `: keep-alive` comments while a stream is quiet",
              type=float, default=5.0)
     add_flag(p, "--log-level", "debug, info, warning or error", default="info",
