@@ -32,12 +32,11 @@ def buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, block_size: int, max_model_len: int, max_batch: int,
-                 device: torch.device, capture: bool):
+                 device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.capture = capture
         self.buckets = buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.width = -(-max_model_len // block_size)

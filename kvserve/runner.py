@@ -10,7 +10,7 @@ from cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
 from kvserve import loader
 from kvserve.config import EngineConfig
 from kvserve.cuda_graphs import DecodeGraphs
-from kvserve.sampler import sample
+from kvserve.sampler import sample, upload
 from scheduler.scheduler import SchedulerOutput
 
 log = logging.getLogger("kvserve")
@@ -53,11 +53,7 @@ class ModelRunner:
         return "torch"
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        """Host list -> device tensor through pinned memory, without blocking the host."""
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return upload(values, self.device, dtype)
 
     @property
     def bytes_per_block(self) -> int:
@@ -134,18 +130,13 @@ class ModelRunner:
         """Capture decode graphs (CUDA + Triton backend unless cuda_graphs is False). With
         cuda_graphs=True off CUDA, the padded static-buffer decode path runs eagerly (for tests)."""
         self.graphs = None
-        wanted = self.cfg.cuda_graphs
-        if wanted is False or self.attention_backend != "triton":
-            if wanted:
-                raise ValueError("cuda_graphs needs the Triton attention backend")
-            return
-        on_cuda = self.device.type == "cuda"
-        if wanted is None and not on_cuda:
+        if self.cfg.cuda_graphs and self.attention_backend != "triton":
+            raise ValueError("cuda_graphs needs the Triton attention backend")
+        if not (self.cfg.cuda_graphs or self._graphs_wanted()):
             return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_model_len,
-                                   min(self.cfg.max_num_seqs, self.cfg.cuda_graph_max_batch), self.device,
-                                   capture=on_cuda)
-        if not on_cuda:
+                                   min(self.cfg.max_num_seqs, self.cfg.cuda_graph_max_batch), self.device)
+        if self.device.type != "cuda":
             log.warning("cuda_graphs on %s: the padded decode path runs without capture", self.device)
             return
         try:

@@ -27,14 +27,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
                 _apply_penalties(logits[i], p, token_ids[i], num_prompt[i])
             ids = [t for t in banned[i] if t < logits.shape[1]]
             if ids:
-                logits[i, _upload(ids, logits.device)] = float("-inf")
+                logits[i, upload(ids, logits.device)] = float("-inf")
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            rows = _upload(greedy, logits.device)
+            rows = upload(greedy, logits.device)
             chosen[rows] = logits[rows].argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            rows = _upload(sampled, logits.device)
+            rows = upload(sampled, logits.device)
             probs = _warp(logits[rows], [params[i] for i in sampled])
             chosen[rows] = _draw(probs, [generators[i] for i in sampled])
     # the step's one device -> host read: ids and logprobs together (float64 holds any token id)
@@ -43,8 +43,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
     return [int(t) for t in packed[:n]], packed[n:]
 
 
-def _upload(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A small host list on the device; through pinned memory on CUDA so the host does not wait."""
+def upload(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A host list on the device; through pinned memory on CUDA so the host does not wait (the
+    runner's inputs and the sampler's small index lists both come up this way)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
@@ -56,15 +57,15 @@ def _has_penalty(p: SamplingParams) -> bool:
 def _apply_penalties(row: torch.Tensor, p: SamplingParams, tokens: list[int], num_prompt: int) -> None:
     vocab = row.shape[0]
     if p.repetition_penalty != 1.0:
-        seen = _upload(sorted({t for t in tokens if t < vocab}), row.device)
+        seen = upload(sorted({t for t in tokens if t < vocab}), row.device)
         if seen.numel():
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     output = Counter(t for t in tokens[num_prompt:] if t < vocab)
     if output and (p.presence_penalty or p.frequency_penalty):
         # counted on the host (torch.bincount on CUDA reads its input's range back: a sync)
-        ids = _upload(list(output), row.device)
-        counts = _upload(list(output.values()), row.device, torch.float32)
+        ids = upload(list(output), row.device)
+        counts = upload(list(output.values()), row.device, torch.float32)
         row.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
 
 
@@ -72,21 +73,21 @@ def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p -> probabilities [S, V]. Which warps apply is decided from
     the params on the host, never by reading a device value."""
     device = logits.device
-    logits = logits / _upload([p.temperature for p in params], device, torch.float32)[:, None]
+    logits = logits / upload([p.temperature for p in params], device, torch.float32)[:, None]
     top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
     if min(top_k) < logits.shape[1]:
-        k = _upload(top_k, device)[:, None]
+        k = upload(top_k, device)[:, None]
         kth = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if any(p.top_p < 1 for p in params):
-        top_p = _upload([p.top_p for p in params], device, torch.float32)[:, None]
+        top_p = upload([p.top_p for p in params], device, torch.float32)[:, None]
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p   # keep the smallest set reaching top_p
         logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
-        min_p = _upload([p.min_p for p in params], device, torch.float32)[:, None]
+        min_p = upload([p.min_p for p in params], device, torch.float32)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -97,7 +98,7 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        rows = _upload(shared, probs.device)
+        rows = upload(shared, probs.device)
         out[rows] = torch.multinomial(probs[rows], 1)[:, 0]
     for i, g in enumerate(generators):
         if g is not None:
