@@ -6,10 +6,10 @@ import logging
 import random
 import time
 
-from bench import common
-from bench.common import Request, int_list, print_table, random_prompt, ratio
-from bench.models import describe, model_path
-from bench.peers import free_memory, kvserve_generate, load_hf_model, make_llm, synchronize
+from kvserve.bench import common
+from kvserve.bench.common import Request, int_list, print_table, random_prompt, ratio
+from kvserve.bench.models import describe, model_path
+from kvserve.bench.peers import free_memory, kvserve_generate, load_hf_model, make_llm, synchronize
 
 NAME = "cache-speedup"
 HELP = "one stream, short prompt, growing outputs: kvserve vs generate(use_cache=True) vs generate(use_cache=False)"
@@ -17,7 +17,7 @@ SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
 LABELS = {"kvserve": "kvserve", "generate_cache": "generate(use_cache=True)",
           "generate_no_cache": "generate(use_cache=False)"}
 SHORT = {"kvserve": "kvserve", "generate_cache": "cache", "generate_no_cache": "no-cache"}
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,12 +6,12 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "throughput": "bench.throughput",
-    "cache-speedup": "bench.cache_speedup",
-    "memory": "bench.memory",
-    "prefix": "bench.prefix",
-    "serve": "bench.serve",
-    "decode-floor": "bench.decode_floor",
+    "throughput": "kvserve.bench.throughput",
+    "cache-speedup": "kvserve.bench.cache_speedup",
+    "memory": "kvserve.bench.memory",
+    "prefix": "kvserve.bench.prefix",
+    "serve": "kvserve.bench.serve",
+    "decode-floor": "kvserve.bench.decode_floor",
 }
 
 
@@ -30,7 +30,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
 
 
 def _list_models(args: argparse.Namespace) -> int:
-    from bench.models import CACHE_DIR, SHAPES
+    from kvserve.bench.models import CACHE_DIR, SHAPES
     for shape in SHAPES.values():
         print(f"{shape.name:14s} {shape.description}")
     print(f"(built on first use into {CACHE_DIR})")
@@ -38,7 +38,7 @@ def _list_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import setup_logging
+    from kvserve.bench.common import setup_logging
     prog = "kvserve bench" if sys.argv and sys.argv[0].endswith("kvserve") else "python -m bench"
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(getattr(args, "verbose", False))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,15 +14,15 @@ import random
 import statistics
 import time
 
-from bench import common
-from bench.common import print_table
-from bench.models import describe, model_path
-from bench.peers import free_memory, load_hf_model, make_llm, sampling_params, synchronize
+from kvserve.bench import common
+from kvserve.bench.common import print_table
+from kvserve.bench.models import describe, model_path
+from kvserve.bench.peers import free_memory, load_hf_model, make_llm, sampling_params, synchronize
 
 NAME = "decode-floor"
 HELP = "batch-1 decode step time of kvserve vs the memory-bandwidth floor (weights + KV bytes / copy bandwidth)"
 TARGET = 2.0   # step time within 2x of the floor
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

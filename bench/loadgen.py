@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from bench.common import summarize
+from kvserve.bench.common import summarize
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 PRINTABLE = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,"

@@ -5,15 +5,15 @@ import argparse
 import logging
 from dataclasses import dataclass
 
-from bench import common
-from bench.common import make_workload, parse_range, print_table, ratio
-from bench.models import describe, model_path
-from bench.peers import blocks_for, free_memory, kvserve_generate, make_llm
+from kvserve.bench import common
+from kvserve.bench.common import make_workload, parse_range, print_table, ratio
+from kvserve.bench.models import describe, model_path
+from kvserve.bench.peers import blocks_for, free_memory, kvserve_generate, make_llm
 
 NAME = "memory"
 HELP = "KV slot occupancy per step (paged vs max-length contiguous) and sequences that fit one KV budget"
 GOAL = 0.96
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 CACHE_DIR = Path(os.environ.get("KVSERVE_BENCH_MODELS", Path.home() / ".cache" / "kvserve" / "bench-models"))
 BUILD_VERSION = 2  # bump when the recipe below changes so cached folders are rebuilt

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Request, progress
+from kvserve.bench.common import Request, progress
 
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 @dataclass

@@ -7,16 +7,16 @@ import math
 import random
 import time
 
-from bench import common
-from bench.common import int_list, print_table, random_prompt, ratio
-from bench.models import describe, model_path
-from bench.peers import free_memory, make_llm, sampling_params, synchronize
+from kvserve.bench import common
+from kvserve.bench.common import int_list, print_table, random_prompt, ratio
+from kvserve.bench.models import describe, model_path
+from kvserve.bench.peers import free_memory, make_llm, sampling_params, synchronize
 
 NAME = "prefix"
 HELP = "multi-turn chat TTFT per turn with prefix caching on vs off, histories 256..4096 tokens"
 GOAL = 0.15  # turn-2 TTFT <= 15% of turn-1 at a 2,000-token history
 GOAL_HISTORY = 2000
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,9 +9,9 @@ import pstats
 import time
 from collections import defaultdict
 
-from bench.common import print_table
+from kvserve.bench.common import print_table
 
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 ATTN_RANGE = "bench::attention"
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
@@ -72,7 +72,7 @@ def _steps(llm) -> int | None:
 def profile_kvserve(llm, requests, device: str) -> dict:
     """Run `requests` through kvserve twice (torch.profiler, then cProfile) and summarize."""
     import torch
-    from bench.peers import kvserve_generate
+    from kvserve.bench.peers import kvserve_generate
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])

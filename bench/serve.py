@@ -14,15 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench import common
-from bench.common import float_list, int_list, parse_range, print_table, ratio
-from bench.loadgen import Client, check_loopback, run_concurrency, run_poisson, summarize_point, text_workload
-from bench.models import describe, model_path
+from kvserve.bench import common
+from kvserve.bench.common import float_list, int_list, parse_range, print_table, ratio
+from kvserve.bench.loadgen import Client, check_loopback, run_concurrency, run_poisson, summarize_point, text_workload
+from kvserve.bench.models import describe, model_path
 
 NAME = "serve"
 HELP = "online load (Poisson rates or fixed concurrency) against kvserve / transformers serve: TTFT, TPOT, ITL"
 GOAL = 2.0  # kvserve sustains >= 2x transformers serve's request rate at the same p99 TTFT
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bench import common
-from bench.common import Request, make_workload, parse_range, print_table, ratio
-from bench.models import describe, model_path
-from bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
+from kvserve.bench import common
+from kvserve.bench.common import Request, make_workload, parse_range, print_table, ratio
+from kvserve.bench.models import describe, model_path
+from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
                          kvserve_generate, load_hf_model, make_llm)
 
 NAME = "throughput"
@@ -15,7 +15,7 @@ HELP = "output tokens/s of kvserve vs transformers generate() and generate_batch
 SYSTEMS = ("kvserve", "generate_batch", "generate")
 TARGETS = {"generate": 3.0, "generate_batch": 1.5}         # CPU (issue 5)
 CUDA_TARGETS = {"generate": 15.0}                           # GPU, bf16 (issue 6; vLLM reports 14-24x)
-log = logging.getLogger("bench")
+log = logging.getLogger("kvserve.bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +112,7 @@ def _stats_dict(llm) -> dict | None:
 
 
 def _profile(args, path, reqs, kv_blocks) -> dict:
-    from bench.profiling import profile_kvserve
+    from kvserve.bench.profiling import profile_kvserve
     llm = _kvserve(args, path, reqs, kv_blocks)
     sl = [Request(r.prompt_token_ids, min(r.max_tokens, args.profile_tokens)) for r in reqs[:args.profile_requests]]
     kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc="kvserve warm-up")
@@ -147,7 +147,7 @@ def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profi
               f"batches of {args.batch_size} run to each batch's longest output; only each request's own tokens count.")
     print(f"machine: {common.machine_line(machine)}")
     if profile:
-        from bench.profiling import print_profile
+        from kvserve.bench.profiling import print_profile
         print_profile(profile)
     payload = {
         "benchmark": NAME, "machine": machine,

@@ -1,5 +1,5 @@
 """The KV cache: block allocator with prefix caching, the KV tensor pool, paged attention."""
-from cache.block_pool import BlockPool, hash_block_tokens
-from cache.kv_cache_manager import KVCacheManager
+from kvserve.cache.block_pool import BlockPool, hash_block_tokens
+from kvserve.cache.kv_cache_manager import KVCacheManager
 
 __all__ = ["BlockPool", "KVCacheManager", "hash_block_tokens"]

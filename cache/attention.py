@@ -182,7 +182,7 @@ def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
 
 
 def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
-    from cache import triton_attention as ta
+    from kvserve.cache import triton_attention as ta
     t = meta.triton
     key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)      # [T, KVH, D] views
     window = sliding_window if sliding_window and sliding_window > 0 else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Hashable, Sequence
 
-from cache.block_pool import Block, BlockPool, hash_block_tokens
+from kvserve.cache.block_pool import Block, BlockPool, hash_block_tokens
 
 
 class KVCacheManager:

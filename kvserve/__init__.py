@@ -1,12 +1,21 @@
-"""kvserve: an LLM serving engine around a paged KV cache."""
+"""kvserve: an LLM serving engine around a paged KV cache.
+
+This module is the facade: the HTTP server, the benchmarks and users' scripts import what they
+need from `kvserve` itself, never from the engine's inner modules. The engine classes (which
+import torch and transformers) load on first use.
+"""
 from kvserve.config import EngineConfig
-from scheduler.sampling_params import SamplingParams
+from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, KVServeError, PromptTooLongError
+from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
+from kvserve.scheduler.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["AsyncEngine", "EngineConfig", "LLM", "LLMEngine", "SamplingParams", "__version__"]
+__all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats",
+           "InvalidRequestError", "KVServeError", "LLM", "LLMEngine", "PromptTooLongError", "RequestMetrics",
+           "RequestOutput", "SamplingParams", "StepStats", "TokenInfo", "__version__"]
 
 
-def __getattr__(name):  # heavy imports (torch, transformers) only when used
+def __getattr__(name: str):
     if name == "LLM":
         from kvserve.llm import LLM
         return LLM
@@ -16,4 +25,4 @@ def __getattr__(name):  # heavy imports (torch, transformers) only when used
     if name == "LLMEngine":
         from kvserve.engine import LLMEngine
         return LLMEngine
-    raise AttributeError(name)
+    raise AttributeError(f"module 'kvserve' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from kvserve.config import EngineConfig
 from kvserve.engine import LLMEngine
 from kvserve.errors import EngineDeadError, EngineOverloadedError
 from kvserve.outputs import EngineStats, RequestOutput, StepStats
-from scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve")
 

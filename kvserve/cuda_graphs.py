@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from cache.attention import AttentionMetadata, TritonBatch
+from kvserve.cache.attention import AttentionMetadata, TritonBatch
 
 log = logging.getLogger("kvserve")
 

@@ -10,16 +10,16 @@ from typing import Callable
 
 from torch.profiler import record_function
 
-from cache.kv_cache_manager import KVCacheManager
+from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve import loader
 from kvserve.config import EngineConfig
 from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvserve.errors import InvalidRequestError, PromptTooLongError
 from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
 from kvserve.runner import ModelRunner
-from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
-from scheduler.sequence import Sequence
+from kvserve.scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.scheduler import Scheduler
+from kvserve.scheduler.sequence import Sequence
 
 log = logging.getLogger("kvserve")
 

@@ -7,7 +7,7 @@ from typing import Sequence
 from kvserve.config import EngineConfig
 from kvserve.engine import LLMEngine
 from kvserve.outputs import RequestOutput
-from scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve")
 

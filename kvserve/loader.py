@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from cache.attention import paged_attention
+from kvserve.cache.attention import paged_attention
 from kvserve.config import EngineConfig
 
 log = logging.getLogger("kvserve")

@@ -6,12 +6,12 @@ import time
 
 import torch
 
-from cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
+from kvserve.cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
 from kvserve import loader
 from kvserve.config import EngineConfig
 from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.sampler import sample, upload
-from scheduler.scheduler import SchedulerOutput
+from kvserve.scheduler.scheduler import SchedulerOutput
 
 log = logging.getLogger("kvserve")
 
@@ -44,7 +44,7 @@ class ModelRunner:
         wanted = self.cfg.attention_backend
         if wanted == "torch" or (wanted == "auto" and self.device.type != "cuda"):
             return "torch"
-        from cache import triton_attention
+        from kvserve.cache import triton_attention
         if triton_attention.is_available():
             return "triton"
         if wanted == "triton":

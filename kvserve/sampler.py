@@ -5,7 +5,7 @@ from collections import Counter
 
 import torch
 
-from scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.sampling_params import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],

@@ -5,8 +5,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from cache.kv_cache_manager import KVCacheManager
-from scheduler.sequence import Sequence, SequenceStatus
+from kvserve.cache.kv_cache_manager import KVCacheManager
+from kvserve.scheduler.sequence import Sequence, SequenceStatus
 
 
 @dataclass

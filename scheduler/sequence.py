@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 
-from scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -7,15 +7,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server import routes_openai, routes_tgi
-from server.errors import install_error_handlers
-from server.serving import ServerState
+import kvserve
+from kvserve.server import routes_openai, routes_tgi
+from kvserve.server.errors import install_error_handlers
+from kvserve.server.serving import ServerState
 
 logger = logging.getLogger("kvserve.server")
 
@@ -24,10 +24,7 @@ LOAD_HEARTBEAT_S = 5.0
 
 
 def version() -> str:
-    try:
-        return metadata.version("kvserve")
-    except metadata.PackageNotFoundError:
-        return "0.1.0"
+    return kvserve.__version__
 
 
 def is_demo(engine: Any) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from server.serving import ServerState, drain
+from kvserve.server.serving import ServerState, drain
 
 logger = logging.getLogger("kvserve.server")
 
@@ -36,7 +36,7 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "bench": Subcommand("bench.cli", "benchmark a running kvserve server (needs bench/cli.py)"),
+    "bench": Subcommand("kvserve.bench.cli", "benchmark a running kvserve server (needs bench/cli.py)"),
 }
 
 
@@ -156,7 +156,7 @@ def limits(args: argparse.Namespace) -> dict:
 
 
 def make_server(args: argparse.Namespace, config: Any, served_name: str, demo: bool) -> DrainingServer:
-    from server.app import create_app
+    from kvserve.server.app import create_app
     server: DrainingServer | None = None
 
     def on_load_error(exc: BaseException) -> None:

@@ -10,16 +10,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve.outputs import RequestOutput, TokenInfo
-from scheduler.sampling_params import SamplingParams
-from server.errors import APIError, from_engine_error
-from server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
+from kvserve.scheduler.sampling_params import SamplingParams
+from kvserve.server.errors import APIError, from_engine_error
+from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                    ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                    CompletionResponse, OpenAIErrorResponse, ModelCard, ModelList, PromptTokensDetails,
                                    SamplingFields, Usage)
-from server.serving import EngineRequest, ServerState, StateDep, output_error
-from server.sse import DONE, KEEPALIVE, sse_event, sse_response
-from server.validation import finite, reject_unknown, reject_unsupported, resolve_max_tokens
+from kvserve.server.serving import EngineRequest, ServerState, StateDep, output_error
+from kvserve.server.sse import DONE, KEEPALIVE, sse_event, sse_response
+from kvserve.server.validation import finite, reject_unknown, reject_unsupported, resolve_max_tokens
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 

@@ -13,14 +13,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve.outputs import RequestOutput, TokenInfo
-from scheduler.sampling_params import SamplingParams
-from server.errors import APIError, from_engine_error
-from server.schemas_tgi import (DEFAULT_MAX_NEW_TOKENS, Details, TGIErrorResponse, GenerateParameters,
+from kvserve.scheduler.sampling_params import SamplingParams
+from kvserve.server.errors import APIError, from_engine_error
+from kvserve.server.schemas_tgi import (DEFAULT_MAX_NEW_TOKENS, Details, TGIErrorResponse, GenerateParameters,
                                 GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse,
                                 Token)
-from server.serving import EngineRequest, ServerState, StateDep, output_error
-from server.sse import KEEPALIVE, sse_event, sse_response
-from server.validation import finite, random_seed, reject_unknown, reject_unsupported, resolve_max_tokens
+from kvserve.server.serving import EngineRequest, ServerState, StateDep, output_error
+from kvserve.server.sse import KEEPALIVE, sse_event, sse_response
+from kvserve.server.validation import finite, random_seed, reject_unknown, reject_unsupported, resolve_max_tokens
 
 router = APIRouter(tags=["TGI"])
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.validation import NullAsDefault
+from kvserve.server.validation import NullAsDefault
 
 OpenAIFinishReason = Literal["stop", "length"]
 

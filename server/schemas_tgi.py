@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.validation import NullAsDefault
+from kvserve.server.validation import NullAsDefault
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_NEW_TOKENS = 100

@@ -14,9 +14,9 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from kvserve.outputs import RequestOutput, TokenInfo
-from scheduler.sampling_params import SamplingParams
-from server.errors import APIError, from_engine_error
-from server.sse import with_keepalive
+from kvserve.scheduler.sampling_params import SamplingParams
+from kvserve.server.errors import APIError, from_engine_error
+from kvserve.server.sse import with_keepalive
 
 logger = logging.getLogger("kvserve.server")
 
@@ -66,7 +66,7 @@ class ServerState:
 def make_metrics(engine: Any, model_name: str) -> Any:
     """server.metrics.EngineMetrics for this engine, or None if that module is missing."""
     try:
-        module = importlib.import_module("server.metrics")
+        module = importlib.import_module("kvserve.server.metrics")
     except ImportError as exc:
         logger.warning("metrics disabled: cannot import server.metrics (%s)", exc)
         return None

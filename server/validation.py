@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from server.errors import APIError
+from kvserve.server.errors import APIError
 
 
 class NullAsDefault(BaseModel):

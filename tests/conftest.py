@@ -28,13 +28,21 @@ if not os.path.exists("/dev/nvidia0"):
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO_ROOT = os.path.dirname(_TESTS_DIR)
-for _p in (_REPO_ROOT, _TESTS_DIR):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+# The tests import kvserve as installed (`pip install .`, or editable). The repository root must
+# not be on sys.path: its kvserve/ folder alone is not the package (server/, cache/, ... install
+# as kvserve.server, kvserve.cache, ...), and `python -m pytest` would put it there.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
 
 import pytest  # noqa: E402
 
 from models import ARCHITECTURES, build_tiny_model  # noqa: E402
+
+
+def pytest_report_header(config) -> str:
+    import kvserve
+    return f"kvserve {kvserve.__version__} from {os.path.dirname(kvserve.__file__)}"
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
-from cache.block_pool import BlockPool
-from cache.kv_cache_manager import KVCacheManager
+from kvserve.cache.block_pool import BlockPool
+from kvserve.cache.kv_cache_manager import KVCacheManager
 
 BLOCK = 4
 NUM_BLOCKS = 16

@@ -151,7 +151,7 @@ def dashboard_exprs() -> list[str]:
 
 def test_dashboard_is_templated_and_uses_only_exported_metrics():
     from kvserve.outputs import EngineStats
-    from server.metrics import EngineMetrics
+    from kvserve.server.metrics import EngineMetrics
 
     class FakeEngine:
         is_running = True
@@ -200,7 +200,7 @@ def image_env() -> dict[str, str]:
 
 def test_image_env_drives_kvserve_serve(monkeypatch):
     """`docker run IMAGE` (no arguments) binds 0.0.0.0:8000 and loads /models/model; arguments still win."""
-    from server.cli import build_parser
+    from kvserve.server.cli import build_parser
 
     env = image_env()
     for key, value in env.items():

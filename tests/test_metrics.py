@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve import AsyncEngine, EngineConfig, SamplingParams
 from kvserve.outputs import EngineStats
-from server.metrics import FAILURE_REASONS, SUCCESS_REASONS, EngineMetrics, format_log_line
+from kvserve.server.metrics import FAILURE_REASONS, SUCCESS_REASONS, EngineMetrics, format_log_line
 
 MODEL = "demo"
 
@@ -190,7 +190,7 @@ def test_log_line_and_loop(engine_factory, caplog):
                  "prefix hit rate 25.0%", "preemptions 1"):
         assert part in line, line
     engine, metrics = engine_factory(64)
-    with caplog.at_level(logging.INFO, logger="server.metrics"):
+    with caplog.at_level(logging.INFO, logger="kvserve.server.metrics"):
         metrics.start_log_loop(interval=0.05)
         asyncio.run(run_many(engine, [prompt_ids(60, k) for k in range(3)], 30))
         metrics.stop_log_loop()

@@ -76,10 +76,10 @@ def workdir():
 def kvserve(workdir, demo_model_dir):
     port = free_port()
     log = workdir / "kvserve.log"
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model", demo_model_dir, "--served-model-name", MODEL_NAME,
+    argv = [sys.executable, "-m", "kvserve", "serve", "--model", demo_model_dir, "--served-model-name", MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--num-kv-blocks", str(NUM_KV_BLOCKS)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for("kvserve /health", lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 180, proc, log)

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo"
 MAX_MODEL_LEN = 256
 
@@ -58,11 +57,11 @@ class Server:
 def start_server(model_dir: str, log: Path, *flags: str, timeout: float = 150) -> Server:
     """`python -m server.cli serve` on a free loopback port; returns once /health says 200."""
     port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model", model_dir, "--served-model-name", MODEL,
+    argv = [sys.executable, "-m", "kvserve", "serve", "--model", model_dir, "--served-model-name", MODEL,
             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     statuses: list[tuple[int, str]] = []
 
@@ -403,10 +402,10 @@ def test_openai_errors_use_openai_shape(client, path, body, status, param):
 
 
 def test_no_chat_template_is_a_400():
-    from server.errors import APIError
-    from server.routes_openai import chat_prompt
-    from server.schemas_openai import ChatCompletionRequest
-    from server.serving import ServerState
+    from kvserve.server.errors import APIError
+    from kvserve.server.routes_openai import chat_prompt
+    from kvserve.server.schemas_openai import ChatCompletionRequest
+    from kvserve.server.serving import ServerState
 
     class Engine:
         tokenizer = type("Tok", (), {"chat_template": None})()

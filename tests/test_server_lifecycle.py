@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from test_server_api import ROOT, Server, sse_events, start_server, stop_server, wait_until
+from test_server_api import Server, sse_events, start_server, stop_server, wait_until
 
 SHUTDOWN_TIMEOUT = 0.75  # the long request below needs ~3 s even on a fast CPU
 
@@ -27,8 +27,8 @@ def server(demo_model_dir, tmp_path_factory):
     stop_server(s)
 
 
-def test_serve_help_names_flags_and_env_vars():
-    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
+def test_serve_help_names_flags_and_env_vars(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kvserve", "serve", "--help"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
                  "kv-cache-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
@@ -38,7 +38,7 @@ def test_serve_help_names_flags_and_env_vars():
 
 
 def test_subcommands_can_be_registered(tmp_path, monkeypatch):
-    from server import cli
+    from kvserve.server import cli
     (tmp_path / "hello_cmd.py").write_text("def main(argv):\n    return 7 if argv == ['--x', 'y'] else 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.SUBCOMMANDS, "hello", cli.Subcommand("hello_cmd", "say hello"))

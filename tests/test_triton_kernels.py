@@ -16,7 +16,7 @@ if not torch.cuda.is_available() and type(tl.cdiv).__name__ != "InterpretedFunct
     pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process and there is no GPU; "
                 "run with TRITON_INTERPRET=1 set or this module on its own", allow_module_level=True)
 
-ta = importlib.import_module("cache.triton_attention")
+ta = importlib.import_module("kvserve.cache.triton_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}

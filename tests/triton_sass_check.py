@@ -16,14 +16,13 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import cache.triton_attention as ta  # noqa: E402
+import kvserve.cache.triton_attention as ta  # noqa: E402
 
 INT32_PTRS = {"block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr"}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
