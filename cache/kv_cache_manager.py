@@ -117,6 +117,11 @@ class KVCacheManager:
     def block_ids(self, seq_id: Hashable) -> list[int]:
         return [b.block_id for b in self.block_tables.get(seq_id, ())]
 
+    def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
+        """The pool slot of each position in [start, end) of the sequence."""
+        table, block_size = self.block_tables[seq_id], self.block_size
+        return [table[p // block_size].block_id * block_size + p % block_size for p in range(start, end)]
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

@@ -23,6 +23,11 @@ from kvserve.cache.attention import AttentionMetadata, TritonBatch
 log = logging.getLogger("kvserve")
 
 
+def graphs_wanted(cuda_graphs: bool | None, backend_name: str, device: torch.device) -> bool:
+    """Capture decode graphs: on CUDA with the Triton backend, unless switched off (cuda_graphs=False)."""
+    return cuda_graphs is not False and backend_name == "triton" and device.type == "cuda"
+
+
 def buckets(max_batch: int) -> list[int]:
     """1, 2, 4, then every multiple of 8 to 128 and of 16 beyond; always max_batch itself."""
     sizes = [b for b in (1, 2, 4) if b < max_batch]
@@ -40,22 +45,22 @@ class DecodeGraphs:
         self.buckets = buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.width = -(-max_model_len // block_size)
-        b, w = self.max_batch, self.width
+        rows, width = self.max_batch, self.width
         # one host staging row per buffer, pinned on CUDA so the uploads do not block the host
         pin = device.type == "cuda"
-        self.host_ids = torch.zeros(b, dtype=torch.long, pin_memory=pin)
-        self.host_pos = torch.zeros(b, dtype=torch.long, pin_memory=pin)
-        self.host_slots = torch.full((b,), -1, dtype=torch.long, pin_memory=pin)
-        self.host_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
-        self.host_tables = torch.zeros(b * w, dtype=torch.int32, pin_memory=pin)   # [bs, width] packed
-        self.ids = torch.zeros(b, dtype=torch.long, device=device)
-        self.pos = torch.zeros(b, dtype=torch.long, device=device)
-        self.slots = torch.full((b,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(b, w, dtype=torch.int32, device=device)
-        self.tables_upload = torch.zeros(b * w, dtype=torch.int32, device=device)
+        self.host_ids = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        self.host_pos = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        self.host_slots = torch.full((rows,), -1, dtype=torch.long, pin_memory=pin)
+        self.host_lens = torch.ones(rows, dtype=torch.int32, pin_memory=pin)
+        self.host_tables = torch.zeros(rows * width, dtype=torch.int32, pin_memory=pin)   # [batch, width] packed
+        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slots = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(rows, width, dtype=torch.int32, device=device)
+        self.tables_upload = torch.zeros(rows * width, dtype=torch.int32, device=device)
         self.uploaded = torch.cuda.Event() if device.type == "cuda" else None  # staging may be rewritten
-        self.rows = torch.arange(b, device=device)
+        self.rows = torch.arange(rows, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None   # [max_batch, V]: every graph writes its logits here
 
@@ -65,13 +70,13 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        """The padded decode forward of the first bs rows of the static buffers -> logits [bs, V]."""
-        batch = TritonBatch(block_tables=self.tables[:bs], seq_lens=self.seq_lens[:bs], num_decodes=bs,
-                            cu_seqlens_q=self.seq_lens[:1], max_seqlen_q=0)
-        meta = AttentionMetadata(self.slots[:bs], [], None, [], [], self.kv_caches, triton=batch)
-        out = self.model(input_ids=self.ids[None, :bs], position_ids=self.pos[None, :bs], use_cache=False,
-                         logits_to_keep=self.rows[:bs], kv_meta=meta)
+    def _forward(self, batch_size: int) -> torch.Tensor:
+        """The padded decode forward of the static buffers' first batch_size rows -> logits [batch_size, V]."""
+        triton_batch = TritonBatch(block_tables=self.tables[:batch_size], seq_lens=self.seq_lens[:batch_size],
+                                   num_decodes=batch_size, cu_seqlens_q=self.seq_lens[:1], max_seqlen_q=0)
+        meta = AttentionMetadata(self.slots[:batch_size], [], None, [], [], self.kv_caches, triton=triton_batch)
+        out = self.model(input_ids=self.ids[None, :batch_size], position_ids=self.pos[None, :batch_size],
+                         use_cache=False, logits_to_keep=self.rows[:batch_size], kv_meta=meta)
         return out.logits[0]
 
     @torch.inference_mode()
@@ -81,10 +86,10 @@ class DecodeGraphs:
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.buckets):
+        for batch_size in reversed(self.buckets):
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                warm = self._forward(bs)          # warm-up: Triton compiles, the allocator settles
+                warm = self._forward(batch_size)   # warm-up: Triton compiles, the allocator settles
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if self.logits is None:
                 self.logits = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=self.device)
@@ -94,14 +99,14 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     # the forward's own tensors are freed back to the shared pool after capture;
                     # only the copy into the one static logits buffer survives
-                    self.logits[:bs].copy_(self._forward(bs))
+                    self.logits[:batch_size].copy_(self._forward(batch_size))
             except BaseException:
                 # an invalidated capture raises from capture_end() before the stream context
                 # is left: put the default stream back and keep no half-captured graphs
                 torch.cuda.set_stream(torch.cuda.default_stream(self.device))
                 self.graphs.clear()
                 raise
-            self.graphs[bs] = graph
+            self.graphs[batch_size] = graph
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
         log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1fs, %.0f MiB",
@@ -111,34 +116,34 @@ class DecodeGraphs:
             seq_lens: list[int]) -> torch.Tensor:
         """One decode step of len(ids) sequences -> logits [len(ids), V] (a view of static memory)."""
         n = len(ids)
-        bs = self.bucket(n)
+        batch_size = self.bucket(n)
         if self.uploaded is not None:
             self.uploaded.synchronize()   # the previous step's uploads have left the staging buffers
         self.host_ids[:n] = torch.tensor(ids)
         self.host_pos[:n] = torch.tensor(positions)
         self.host_slots[:n] = torch.tensor(slots)
         self.host_lens[:n] = torch.tensor(seq_lens, dtype=torch.int32)
-        # rows n..bs are padding: position 0, slot -1 (no write), length 1
-        self.host_ids[n:bs] = 0
-        self.host_pos[n:bs] = 0
-        self.host_slots[n:bs] = -1
-        self.host_lens[n:bs] = 1
-        # The tables travel packed as [bs, width] (one contiguous pinned upload), then spread on the
+        # rows n..batch_size are padding: position 0, slot -1 (no write), length 1
+        self.host_ids[n:batch_size] = 0
+        self.host_pos[n:batch_size] = 0
+        self.host_slots[n:batch_size] = -1
+        self.host_lens[n:batch_size] = 1
+        # The tables travel packed as [batch_size, width] (one contiguous pinned upload), then spread on the
         # device. Columns past a row's table are never read (the kernels stop at seq_len), so stale
         # entries there, and in padding rows, are harmless.
         width = max(len(t) for t in tables)
-        packed = self.host_tables[:bs * width].view(bs, width)
+        packed = self.host_tables[:batch_size * width].view(batch_size, width)
         packed[:n] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         packed[n:] = 0
         for host, dev in ((self.host_ids, self.ids), (self.host_pos, self.pos), (self.host_slots, self.slots),
                           (self.host_lens, self.seq_lens)):
-            dev[:bs].copy_(host[:bs], non_blocking=True)
-        upload = self.tables_upload[:bs * width]
-        upload.copy_(self.host_tables[:bs * width], non_blocking=True)
-        self.tables[:bs, :width].copy_(upload.view(bs, width))
+            dev[:batch_size].copy_(host[:batch_size], non_blocking=True)
+        upload = self.tables_upload[:batch_size * width]
+        upload.copy_(self.host_tables[:batch_size * width], non_blocking=True)
+        self.tables[:batch_size, :width].copy_(upload.view(batch_size, width))
         if self.uploaded is not None:
             self.uploaded.record()
-        if bs in self.graphs:
-            self.graphs[bs].replay()
+        if batch_size in self.graphs:
+            self.graphs[batch_size].replay()
             return self.logits[:n]
-        return self._forward(bs)[:n]
+        return self._forward(batch_size)[:n]

@@ -10,13 +10,17 @@ from typing import Callable
 
 from torch.profiler import record_function
 
+from kvserve import kv_sizing, loader
+from kvserve.cache.backends import select_backend
 from kvserve.cache.kv_cache_manager import KVCacheManager
-from kvserve import loader
+from kvserve.cache.kv_pool import KVPool, KVSpec
 from kvserve.config import EngineConfig
+from kvserve.cuda_graphs import graphs_wanted
 from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvserve.errors import InvalidRequestError, PromptTooLongError
 from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
 from kvserve.runner import ModelRunner
+from kvserve.sampler import Sampler
 from kvserve.scheduler.sampling_params import SamplingParams
 from kvserve.scheduler.scheduler import Scheduler
 from kvserve.scheduler.sequence import Sequence
@@ -36,16 +40,29 @@ class RequestState:
 
 
 class LLMEngine:
+    """Builds the pieces (model, KV pool, runner, sampler, cache manager, scheduler) and steps them."""
+
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.runner = ModelRunner(cfg)
-        self.tokenizer = self.runner.tokenizer
-        self.model_config = self.runner.hf_config
-        self.eos_token_ids = loader.eos_token_ids(self.runner.model, self.tokenizer)
+        model, self.tokenizer, self.model_config, device, dtype = loader.load(cfg)
+        backend = select_backend(cfg.attention_backend, device)
+        if cfg.cuda_graphs and backend.name != "triton":
+            raise ValueError("cuda_graphs needs the Triton attention backend")
+        capture = graphs_wanted(cfg.cuda_graphs, backend.name, device)
+        spec = KVSpec.for_model(self.model_config, cfg.block_size, dtype, device)
+        self.kv_pool = KVPool(spec, kv_sizing.num_kv_blocks(cfg, spec, model, capture))
+        log.info("KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", self.kv_pool.num_blocks,
+                 spec.block_size, self.kv_pool.num_blocks * spec.block_size, self.kv_pool.num_bytes / 2**20,
+                 str(dtype).removeprefix("torch."), device)
+        self.runner = ModelRunner(model, self.kv_pool, backend)
+        self.sampler = Sampler(device)
+        self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
         self.max_model_len = self._max_model_len()
-        self.runner.init_decode_graphs(self.max_model_len)
-        identity = f"{cfg.model}|{cfg.revision}|{self.runner.dtype}".encode()
-        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+        if cfg.cuda_graphs or capture:
+            self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),
+                                           capture)
+        identity = f"{cfg.model}|{cfg.revision}|{dtype}".encode()
+        self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest())
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
@@ -68,7 +85,7 @@ class LLMEngine:
         wanted = self.cfg.max_model_len or model_max or 4096
         if model_max and wanted > model_max:
             raise ValueError(f"max_model_len {wanted} is larger than the model's maximum length {model_max}")
-        capacity = self.runner.num_blocks * self.cfg.block_size
+        capacity = self.kv_pool.num_blocks * self.cfg.block_size
         if wanted > capacity:
             log.warning("max_model_len lowered from %d to %d: the KV pool holds only %d tokens",
                         wanted, capacity, capacity)
@@ -77,11 +94,7 @@ class LLMEngine:
 
     @property
     def kv_info(self) -> dict:
-        r = self.runner
-        return {"num_blocks": r.num_blocks, "block_size": r.block_size,
-                "num_tokens": r.num_blocks * r.block_size, "bytes": r.num_blocks * r.bytes_per_block,
-                "dtype": str(r.dtype).removeprefix("torch."), "device": str(r.device),
-                "prefix_caching": self.cfg.enable_prefix_caching}
+        return {**self.kv_pool.describe(), "prefix_caching": self.cfg.enable_prefix_caching}
 
     # requests
     def encode(self, prompt: str) -> list[int]:
@@ -134,23 +147,24 @@ class LLMEngine:
             sched = self.scheduler.schedule()
         if not sched:
             return []
-        tables = [self.kv.block_ids(s.request_id) for s in sched.seqs]
         with record_function("kvserve::execute"):
-            tokens, logprobs, rows = self.runner.execute(sched, tables)
+            logits = self.runner.execute(sched)
+            sampled = [sched.seqs[row] for row in sched.sample_rows]
+            tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
         self.scheduler.update_computed(sched)
         now = time.monotonic()
-        num_decode = sum(1 for s, n in zip(sched.seqs, sched.num_tokens) if n == 1 and s.num_output_tokens > 0)
-        self.prompt_tokens += sched.total_tokens - num_decode
+        num_prefill_tokens = sched.total_tokens - sched.num_decodes
+        self.prompt_tokens += num_prefill_tokens
         self.generation_tokens += len(tokens)
         self.num_steps += 1
         outputs = []
         with record_function("kvserve::detokenize"):
-            for token, logprob, row in zip(tokens, logprobs, rows):
-                state = self.requests[sched.seqs[row].request_id]
+            for seq, token, logprob in zip(sampled, tokens, logprobs):
+                state = self.requests[seq.request_id]
                 self._append(state, token, logprob, now)
                 outputs.append(self._finish(state) if state.seq.is_finished else self._output(state))
         if self.step_listeners:
-            stats = StepStats(sched.total_tokens - num_decode, num_decode, len(sched.seqs), time.perf_counter() - t0)
+            stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
                 fn(stats)
         return outputs

@@ -5,7 +5,40 @@ from collections import Counter
 
 import torch
 
+from kvserve.cache.kv_pool import upload
 from kvserve.scheduler.sampling_params import SamplingParams
+from kvserve.scheduler.sequence import Sequence
+
+
+class Sampler:
+    """Samples one token for each sequence whose logits row it is given, per its SamplingParams.
+
+    A seeded request keeps its own generator (on the sampling device) for its whole life, so its
+    draws do not depend on what else shares the batch.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+        return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                      [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs],
+                      [banned_tokens(s) for s in seqs])
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.greedy:
+            return None
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        return seq.generator
+
+
+def banned_tokens(seq: Sequence) -> list[int]:
+    """Before min_tokens, EOS (unless ignored) and the stop token ids cannot be sampled."""
+    params = seq.params
+    if seq.num_output_tokens >= params.min_tokens:
+        return []
+    return list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(seq.eos_token_ids))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
@@ -41,13 +74,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
     n = len(params)
     packed = torch.cat([chosen.to(torch.float64), logprobs_all.gather(1, chosen[:, None])[:, 0].double()]).tolist()
     return [int(t) for t in packed[:n]], packed[n:]
-
-
-def upload(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A host list on the device; through pinned memory on CUDA so the host does not wait (the
-    runner's inputs and the sampler's small index lists both come up this way)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -9,16 +9,28 @@ from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve.scheduler.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
-    """One step's work: each scheduled sequence computes `num_tokens[i]` new tokens."""
+    """One step's work: everything the model runner learns about it.
+
+    Rows are the scheduled sequences, decodes first (`Sequence.is_decoding`): row i computes
+    num_tokens[i] tokens of its sequence, ending at context_lens[i]. The runner reads the per-row
+    and per-token lists; `seqs` is for the engine (sampling and outputs), never for the runner.
+    """
     seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)        # per row: tokens computed this step
+    context_lens: list[int] = field(default_factory=list)      # per row: tokens with K/V after the step
+    block_tables: list[list[int]] = field(default_factory=list)  # per row: the sequence's KV blocks
+    num_decodes: int = 0                                        # rows [0, num_decodes) decode one token
+    sample_rows: list[int] = field(default_factory=list)       # rows that reach their sequence's end
+    input_ids: list[int] = field(default_factory=list)         # per token
+    positions: list[int] = field(default_factory=list)         # per token
+    slot_mapping: list[int] = field(default_factory=list)      # per token: its K/V slot in the pool
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the forward
 
     @property
     def total_tokens(self) -> int:
-        return sum(self.num_tokens)
+        return len(self.input_ids)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -42,10 +54,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        scheduled: dict[Sequence, int] = {}   # sequence -> tokens to compute, in scheduling order
         budget = self.max_num_batched_tokens
         # decodes before prefill chunks, so a long prompt never holds up running sequences
-        ordered = sorted(self.running, key=lambda s: len(s) - s.num_computed_tokens > 1)
+        ordered = sorted(self.running, key=lambda s: not s.is_decoding)
         for seq in ordered:
             if budget == 0:
                 break
@@ -55,15 +67,11 @@ class Scheduler:
             while not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens, n):
                 victim = self.running[-1]
                 self._preempt(victim)
-                if victim in out.seqs:
-                    i = out.seqs.index(victim)
-                    budget += out.num_tokens.pop(i)
-                    out.seqs.pop(i)
+                budget += scheduled.pop(victim, 0)
                 if victim is seq:
                     break
             else:
-                out.seqs.append(seq)
-                out.num_tokens.append(n)
+                scheduled[seq] = n
                 budget -= n
         preempted_now = any(s.status is SequenceStatus.WAITING for s in ordered)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
@@ -82,10 +90,26 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            scheduled[seq] = n
+            budget -= n
+        return self._output(scheduled)
+
+    def _output(self, scheduled: dict[Sequence, int]) -> SchedulerOutput:
+        """Lay the step out for the runner: decodes first, then per-row and per-token lists."""
+        out = SchedulerOutput(block_copies=self.kv.take_pending_copies())
+        rows = sorted(scheduled.items(), key=lambda item: not item[0].is_decoding)
+        for row, (seq, n) in enumerate(rows):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             out.seqs.append(seq)
             out.num_tokens.append(n)
-            budget -= n
-        out.block_copies = self.kv.take_pending_copies()
+            out.context_lens.append(end)
+            out.block_tables.append(self.kv.block_ids(seq.request_id))
+            out.num_decodes += seq.is_decoding
+            if end == len(seq):
+                out.sample_rows.append(row)
+            out.input_ids.extend(seq.token_ids[start:end])
+            out.positions.extend(range(start, end))
+            out.slot_mapping.extend(self.kv.slot_mapping(seq.request_id, start, end))
         return out
 
     def _preempt(self, seq: Sequence) -> None:

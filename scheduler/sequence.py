@@ -59,6 +59,16 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def is_decoding(self) -> bool:
+        """Only the last token, a generated one, is left to compute: the next step decodes it.
+
+        The one test of "is this a decode" in kvserve: the scheduler puts these rows first, the
+        attention backends run them as single-token decodes, and the engine counts them as
+        generation rather than prefill work.
+        """
+        return self.num_computed_tokens == len(self.token_ids) - 1 and self.num_output_tokens > 0
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

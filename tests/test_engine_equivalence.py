@@ -119,7 +119,7 @@ def test_triton_backend(tiny_arch, tiny_model_factory, reference):
     pytest.importorskip("triton")
     llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
               attention_backend="triton")
-    assert llm.engine.runner.attention_backend == "triton"
+    assert llm.engine.runner.backend.name == "triton"
     prompts = _prompts(6, (9, 30, 41))
     assert_matches(tiny_arch, reference, prompts + prompts[:1],
                    llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy()))
