@@ -129,3 +129,11 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
+
+    def usage(self) -> dict[str, int]:
+        """Block counts by state (used: referenced; cached: free but holding a prefix; free: empty) and
+        the prefix cache's cumulative query and hit tokens."""
+        pool = self.pool
+        return {"num_blocks": pool.num_blocks, "block_size": self.block_size, "blocks_used": pool.num_used,
+                "blocks_cached": pool.num_cached_free, "blocks_free": pool.num_free - pool.num_cached_free,
+                "prefix_query_tokens": self.prefix_query_tokens, "prefix_hit_tokens": self.prefix_hit_tokens}

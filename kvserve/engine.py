@@ -215,11 +215,7 @@ class LLMEngine:
         return out
 
     def stats(self) -> EngineStats:
-        pool = self.kv.pool
         return EngineStats(
-            num_blocks=pool.num_blocks, block_size=self.kv.block_size, blocks_used=pool.num_used,
-            blocks_cached=pool.num_cached_free, blocks_free=pool.num_free - pool.num_cached_free,
-            prefix_query_tokens=self.kv.prefix_query_tokens, prefix_hit_tokens=self.kv.prefix_hit_tokens,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            **self.kv.usage(), num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, num_steps=self.num_steps)
