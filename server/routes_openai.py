@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve.outputs import RequestOutput, TokenInfo
-from kvserve.scheduler.sampling_params import SamplingParams
-from kvserve.server.errors import APIError, from_engine_error
+from kvserve import RequestOutput, SamplingParams, TokenInfo
+from kvserve.server.errors import APIError
 from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
-                                   ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                   CompletionResponse, OpenAIErrorResponse, ModelCard, ModelList, PromptTokensDetails,
-                                   SamplingFields, Usage)
-from kvserve.server.serving import EngineRequest, ServerState, StateDep, output_error
-from kvserve.server.sse import DONE, KEEPALIVE, sse_event, sse_response
+                                           ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
+                                           ChatResponseMessage, CompletionChoice, CompletionLogprobs,
+                                           CompletionRequest, CompletionResponse, OpenAIErrorResponse, ModelCard,
+                                           ModelList, PromptTokensDetails, SamplingFields, Usage)
+from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
 from kvserve.server.validation import finite, reject_unknown, reject_unsupported, resolve_max_tokens
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -31,7 +29,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": OpenAIErrorResponse, "description": "loading, shutting down or engine dead"},
     "4XX": {"model": OpenAIErrorResponse, "description": "every client error has this shape"},
 }
-ChunkFactory = Callable[[RequestOutput], list[dict]]
 
 
 def check_common(state: ServerState, body: SamplingFields) -> None:
@@ -87,8 +84,8 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError("validation", "this model has no chat template; use /v1/completions instead",
                        param="messages", code="no_chat_template")
-    messages = [{"role": m.role, "content": message_text(m.content), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
+    messages = [{"role": message.role, "content": message_text(message.content),
+                 **({"name": message.name} if message.name else {})} for message in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
                                              **(body.chat_template_kwargs or {}))
@@ -117,8 +114,9 @@ def check_completion(body: CompletionRequest) -> None:
 
 
 def usage(prompt_len: int, out: RequestOutput) -> Usage:
-    n = len(out.token_ids)
-    return Usage(prompt_tokens=prompt_len, completion_tokens=n, total_tokens=prompt_len + n,
+    completion_tokens = len(out.token_ids)
+    return Usage(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
+                 total_tokens=prompt_len + completion_tokens,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
 
 
@@ -128,65 +126,29 @@ def finish_reason(out: RequestOutput) -> str | None:
 
 def completion_logprobs(tokens: list[TokenInfo], offset: int) -> CompletionLogprobs:
     result = CompletionLogprobs()
-    for t in tokens:
-        result.tokens.append(t.text)
-        result.token_logprobs.append(finite(t.logprob))
+    for token_info in tokens:
+        result.tokens.append(token_info.text)
+        result.token_logprobs.append(finite(token_info.logprob))
         result.text_offset.append(offset)
-        offset += len(t.text)
+        offset += len(token_info.text)
     return result
 
 
 def chat_logprobs(tokens: list[TokenInfo]) -> ChatChoiceLogprobs:
-    return ChatChoiceLogprobs(content=[ChatLogprob(token=t.text, logprob=finite(t.logprob),
-                                                   bytes=list(t.text.encode())) for t in tokens])
+    return ChatChoiceLogprobs(content=[ChatLogprob(token=token_info.text, logprob=finite(token_info.logprob),
+                                                   bytes=list(token_info.text.encode())) for token_info in tokens])
 
 
-async def admit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:
-    engine_request = EngineRequest(state, prompt_ids, params, request_id)
-    await engine_request.start()
-    return engine_request
+def stream(state: ServerState, engine_request: EngineRequest, header: dict,
+           chunk_type: type[CompletionResponse | ChatCompletionChunk], chunks: EventBuilder, with_usage: bool,
+           opening: list[dict]) -> Response:
+    """OpenAI's stream: `opening`, each output's chunks, a usage chunk if asked for, then [DONE]."""
+    def events(out: RequestOutput) -> Iterator[dict]:
+        yield from chunks(out)
+        if out.finished and with_usage:
+            yield chunk_type(**header, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
 
-
-async def sse_body(state: ServerState, engine_request: EngineRequest, chunks: ChunkFactory,
-                   usage_chunk: Callable[[RequestOutput], dict] | None, prologue: list[dict]) -> AsyncIterator[bytes]:
-    """`data:` chunks, an optional usage chunk, then [DONE]; an error ends the stream as an error event."""
-    try:
-        for chunk in prologue:
-            yield sse_event(chunk)
-        async for out in engine_request.outputs():
-            if out is None:
-                yield KEEPALIVE
-                continue
-            error = output_error(out, state.draining) if out.finished else None
-            if error is not None:
-                yield sse_event(error.body("openai"))
-                return
-            for chunk in chunks(out):
-                yield sse_event(chunk)
-            if out.finished and usage_chunk is not None:
-                yield sse_event(usage_chunk(out))
-        yield DONE
-    except APIError as error:
-        yield sse_event(error.body("openai"))
-    except Exception as exc:  # an error after the headers went out: report it as the last event
-        yield sse_event(from_engine_error(exc).body("openai"))
-    finally:
-        engine_request.close()
-
-
-def stream(state: ServerState, engine_request: EngineRequest, chunks: ChunkFactory,
-           usage_chunk: Callable[[RequestOutput], dict] | None, prologue: list[dict]) -> Response:
-    return sse_response(sse_body(state, engine_request, chunks, usage_chunk, prologue), on_close=engine_request.close)
-
-
-async def collect(state: ServerState, engine_request: EngineRequest,
-                  request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
-    result = await engine_request.collect(request)
-    if result is not None:
-        error = output_error(result[0], state.draining)
-        if error is not None:
-            raise error
-    return result
+    return stream_response(state, engine_request, "openai", events, opening)
 
 
 def include_usage(body: SamplingFields) -> bool:
@@ -222,38 +184,36 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
                                     "max_tokens", "prompt")
     engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens), f"cmpl-{uuid.uuid4().hex}")
     echo = engine.tokenizer.decode(prompt_ids) if body.echo else ""
-    base = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
     with_logprobs = body.logprobs is not None
     if body.stream:
-        return stream_completion(state, engine_request, base, echo, with_logprobs, include_usage(body))
-    result = await collect(state, engine_request, request)
+        return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body))
+    result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
     out, tokens = result
     choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out),
                               logprobs=completion_logprobs(tokens, len(echo)) if with_logprobs else None)
-    response = CompletionResponse(**base, choices=[choice], usage=usage(len(prompt_ids), out))
+    response = CompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
-def stream_completion(state: ServerState, engine_request: EngineRequest, base: dict, echo: str,
+def stream_completion(state: ServerState, engine_request: EngineRequest, header: dict, echo: str,
                       with_logprobs: bool, with_usage: bool) -> Response:
-    offset = [len(echo)]
+    text_offset = len(echo)
 
     def chunks(out: RequestOutput) -> list[dict]:
+        nonlocal text_offset
         if not (out.new_text or out.finished or (with_logprobs and out.new_tokens)):
             return []
-        logprobs = completion_logprobs(out.new_tokens, offset[0]) if with_logprobs else None
-        offset[0] += sum(len(t.text) for t in out.new_tokens)
+        logprobs = completion_logprobs(out.new_tokens, text_offset) if with_logprobs else None
+        text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
         choice = CompletionChoice(text=out.new_text, logprobs=logprobs, finish_reason=finish_reason(out))
-        return [dump_chunk(CompletionResponse(**base, choices=[choice]), with_usage)]
+        return [dump_chunk(CompletionResponse(**header, choices=[choice]), with_usage)]
 
-    def usage_chunk(out: RequestOutput) -> dict:
-        return CompletionResponse(**base, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
-
-    echo_chunk = CompletionResponse(**base, choices=[CompletionChoice(text=echo)])
-    prologue = [dump_chunk(echo_chunk, with_usage)] if echo else []
-    return stream(state, engine_request, chunks, usage_chunk if with_usage else None, prologue)
+    echo_chunk = CompletionResponse(**header, choices=[CompletionChoice(text=echo)])
+    opening = [dump_chunk(echo_chunk, with_usage)] if echo else []
+    return stream(state, engine_request, header, CompletionResponse, chunks, with_usage, opening)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -268,23 +228,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, requested, None, name, "messages")
     engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens),
                                  f"chatcmpl-{uuid.uuid4().hex}")
-    base = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
     if body.stream:
-        return stream_chat(state, engine_request, base, body.logprobs, include_usage(body))
-    result = await collect(state, engine_request, request)
+        return stream_chat(state, engine_request, header, body.logprobs, include_usage(body))
+    result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
     out, tokens = result
     choice = ChatChoice(message=ChatResponseMessage(content=out.text), finish_reason=finish_reason(out),
                         logprobs=chat_logprobs(tokens) if body.logprobs else None)
-    response = ChatCompletionResponse(**base, choices=[choice], usage=usage(len(prompt_ids), out))
+    response = ChatCompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
-def stream_chat(state: ServerState, engine_request: EngineRequest, base: dict, with_logprobs: bool,
+def stream_chat(state: ServerState, engine_request: EngineRequest, header: dict, with_logprobs: bool,
                 with_usage: bool) -> Response:
     def chunk(choice: ChatChunkChoice) -> dict:
-        return dump_chunk(ChatCompletionChunk(**base, choices=[choice]), with_usage)
+        return dump_chunk(ChatCompletionChunk(**header, choices=[choice]), with_usage)
 
     def chunks(out: RequestOutput) -> list[dict]:
         result = []
@@ -295,8 +255,5 @@ def stream_chat(state: ServerState, engine_request: EngineRequest, base: dict, w
             result.append(chunk(ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(out))))
         return result
 
-    def usage_chunk(out: RequestOutput) -> dict:
-        return ChatCompletionChunk(**base, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
-
-    prologue = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
-    return stream(state, engine_request, chunks, usage_chunk if with_usage else None, prologue)
+    opening = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
+    return stream(state, engine_request, header, ChatCompletionChunk, chunks, with_usage, opening)

@@ -6,20 +6,18 @@ generation after the token that completes it; that token (and so the stop sequen
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve.outputs import RequestOutput, TokenInfo
-from kvserve.scheduler.sampling_params import SamplingParams
-from kvserve.server.errors import APIError, from_engine_error
+from kvserve import RequestOutput, SamplingParams, TokenInfo
+from kvserve.server.errors import APIError
 from kvserve.server.schemas_tgi import (DEFAULT_MAX_NEW_TOKENS, Details, TGIErrorResponse, GenerateParameters,
-                                GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse,
-                                Token)
-from kvserve.server.serving import EngineRequest, ServerState, StateDep, output_error
-from kvserve.server.sse import KEEPALIVE, sse_event, sse_response
+                                        GenerateRequest, GenerateResponse, PrefillToken, StreamDetails,
+                                        StreamResponse, Token)
+from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
 from kvserve.server.validation import finite, random_seed, reject_unknown, reject_unsupported, resolve_max_tokens
 
 router = APIRouter(tags=["TGI"])
@@ -45,31 +43,33 @@ class Submission:
         self.engine_request = engine_request
 
 
-def check_parameters(p: GenerateParameters, stream: bool) -> None:
-    reject_unknown(p, prefix="parameters.")
+def check_parameters(parameters: GenerateParameters, stream: bool) -> None:
+    reject_unknown(parameters, prefix="parameters.")
     reject_unsupported([
-        ("parameters.typical_p", p.typical_p, p.typical_p not in (None, 1.0)),
-        ("parameters.top_n_tokens", p.top_n_tokens, p.top_n_tokens not in (None, 0)),
-        ("parameters.best_of", p.best_of, p.best_of not in (None, 1)),
-        ("parameters.watermark", p.watermark, p.watermark),
-        ("parameters.grammar", p.grammar, p.grammar is not None),
-        ("parameters.adapter_id", p.adapter_id, p.adapter_id is not None),
+        ("parameters.typical_p", parameters.typical_p, parameters.typical_p not in (None, 1.0)),
+        ("parameters.top_n_tokens", parameters.top_n_tokens, parameters.top_n_tokens not in (None, 0)),
+        ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
+        ("parameters.watermark", parameters.watermark, parameters.watermark),
+        ("parameters.grammar", parameters.grammar, parameters.grammar is not None),
+        ("parameters.adapter_id", parameters.adapter_id, parameters.adapter_id is not None),
     ])
-    if stream and p.decoder_input_details:
+    if stream and parameters.decoder_input_details:
         raise APIError("validation", "parameters.decoder_input_details is not supported when streaming",
                        param="parameters.decoder_input_details")
 
 
-def sampling_params(p: GenerateParameters, max_tokens: int) -> tuple[SamplingParams, int | None]:
+def sampling_params(parameters: GenerateParameters, max_tokens: int) -> tuple[SamplingParams, int | None]:
     """TGI semantics: greedy unless do_sample or a sampling knob is set; a seed is drawn if missing."""
-    sample = p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None or p.top_p not in (None, 1.0)
-    seed = (p.seed if p.seed is not None else random_seed()) if sample else None
+    sample = (parameters.do_sample or parameters.temperature not in (None, 1.0) or parameters.top_k is not None
+              or parameters.top_p not in (None, 1.0))
+    seed = (parameters.seed if parameters.seed is not None else random_seed()) if sample else None
     try:
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=(p.temperature or 1.0) if sample else 0.0, top_k=p.top_k or 0,
-            top_p=p.top_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
-            frequency_penalty=p.frequency_penalty or 0.0, seed=seed, stop=list(p.stop),
-            include_stop_str_in_output=True, ignore_eos=p.ignore_eos)
+            max_tokens=max_tokens, temperature=(parameters.temperature or 1.0) if sample else 0.0,
+            top_k=parameters.top_k or 0, top_p=parameters.top_p or 1.0,
+            repetition_penalty=parameters.repetition_penalty or 1.0,
+            frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
+            include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos)
     except ValueError as exc:
         raise APIError("validation", str(exc), param="parameters") from exc
     return params, seed
@@ -77,104 +77,81 @@ def sampling_params(p: GenerateParameters, max_tokens: int) -> tuple[SamplingPar
 
 async def submit(state: ServerState, body: GenerateRequest, stream: bool) -> Submission:
     """Validate the body, tokenize, admit into the engine (raising APIError before any response)."""
-    p = body.parameters
-    check_parameters(p, stream)
+    parameters = body.parameters
+    check_parameters(parameters, stream)
     engine = state.require_engine()
     prompt_ids = engine.encode(body.inputs)
-    if p.truncate is not None:
-        prompt_ids = prompt_ids[-p.truncate:]
+    if parameters.truncate is not None:
+        prompt_ids = prompt_ids[-parameters.truncate:]
     if not prompt_ids:
         raise APIError("validation", "inputs must not be empty", param="inputs")
-    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, p.max_new_tokens,
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, parameters.max_new_tokens,
                                     DEFAULT_MAX_NEW_TOKENS, "parameters.max_new_tokens", "inputs")
-    params, seed = sampling_params(p, max_tokens)
-    engine_request = EngineRequest(state, prompt_ids, params, uuid.uuid4().hex)
-    await engine_request.start()
+    params, seed = sampling_params(parameters, max_tokens)
+    engine_request = await admit(state, prompt_ids, params, uuid.uuid4().hex)
     return Submission(body, prompt_ids, params, seed, engine_request)
 
 
-def token(t: TokenInfo) -> Token:
-    return Token(id=t.id, text=t.text, logprob=finite(t.logprob), special=t.special)
+def token(token_info: TokenInfo) -> Token:
+    return Token(id=token_info.id, text=token_info.text, logprob=finite(token_info.logprob),
+                 special=token_info.special)
 
 
 def prefill(state: ServerState, prompt_ids: list[int]) -> list[PrefillToken]:
     """Prompt tokens with their texts; logprobs are null (prompt log-probabilities are not computed)."""
-    texts = state.engine.tokenizer.batch_decode([[i] for i in prompt_ids])
-    return [PrefillToken(id=i, text=s, logprob=None) for i, s in zip(prompt_ids, texts)]
+    texts = state.engine.tokenizer.batch_decode([[token_id] for token_id in prompt_ids])
+    return [PrefillToken(id=token_id, text=text, logprob=None) for token_id, text in zip(prompt_ids, texts)]
 
 
 def finish_reason(out: RequestOutput) -> str:
     return TGI_FINISH.get(out.finish_reason or "length", "length")
 
 
-def full_text(sub: Submission, generated: str) -> str:
-    return sub.body.inputs + generated if sub.body.parameters.return_full_text else generated
+def full_text(submission: Submission, generated: str) -> str:
+    return submission.body.inputs + generated if submission.body.parameters.return_full_text else generated
 
 
-async def generate_once(state: ServerState, sub: Submission, request: Request) -> GenerateResponse | None:
+async def generate_once(state: ServerState, submission: Submission, request: Request) -> GenerateResponse | None:
     """Run to completion; None when the client went away (the request was aborted)."""
-    result = await sub.engine_request.collect(request)
+    result = await submission.engine_request.collect(request)
     if result is None:
         return None
     out, tokens = result
-    error = output_error(out, state.draining)
-    if error is not None:
-        raise error
-    text = full_text(sub, "".join(t.text for t in tokens))
-    if not sub.body.parameters.details:
+    text = full_text(submission, "".join(token_info.text for token_info in tokens))
+    parameters = submission.body.parameters
+    if not parameters.details:
         return GenerateResponse(generated_text=text)
-    details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=sub.seed,
-                      tokens=[token(t) for t in tokens],
-                      prefill=prefill(state, sub.prompt_ids) if sub.body.parameters.decoder_input_details else [])
+    prefill_tokens = prefill(state, submission.prompt_ids) if parameters.decoder_input_details else []
+    details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=submission.seed,
+                      tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens)
     return GenerateResponse(generated_text=text, details=details)
 
 
-def stream_event(sub: Submission, index: int, t: TokenInfo, out: RequestOutput | None, texts: list[str]) -> bytes:
-    """One token event; `out` is the finished output when this is the last token."""
-    event = StreamResponse(index=index, token=token(t))
-    if out is not None:
-        event.generated_text = full_text(sub, "".join(texts))
-        event.details = StreamDetails(finish_reason=finish_reason(out), generated_tokens=len(texts),
-                                      seed=sub.seed, input_length=len(sub.prompt_ids))
-    return sse_event(event.model_dump())
-
-
-async def stream_events(state: ServerState, sub: Submission) -> AsyncIterator[bytes]:
-    """TGI's SSE: one event per token, the last one with generated_text and details; errors last."""
+def token_events(submission: Submission) -> EventBuilder:
+    """TGI's stream: one event per token; the last one carries generated_text and details."""
     texts: list[str] = []
-    try:
-        async for out in sub.engine_request.outputs():
-            if out is None:
-                yield KEEPALIVE
-                continue
-            error = output_error(out, state.draining) if out.finished else None
-            if error is not None:
-                yield sse_event(error.body("tgi"))
-                return
-            for i, t in enumerate(out.new_tokens):
-                texts.append(t.text)
-                last = out.finished and i == len(out.new_tokens) - 1
-                yield stream_event(sub, len(texts), t, out if last else None, texts)
-            if out.finished and not out.new_tokens:
-                yield sse_event(APIError("generation", "the engine finished without a final token").body("tgi"))
-    except APIError as error:
-        yield sse_event(error.body("tgi"))
-    except Exception as exc:  # an error after the headers went out: report it as the last event
-        yield sse_event(from_engine_error(exc).body("tgi"))
-    finally:
-        sub.engine_request.close()
 
+    def events(out: RequestOutput) -> Iterator[dict]:
+        if out.finished and not out.new_tokens:
+            raise APIError("generation", "the engine finished without a final token")
+        for position, token_info in enumerate(out.new_tokens, start=1):
+            texts.append(token_info.text)
+            event = StreamResponse(index=len(texts), token=token(token_info))
+            if out.finished and position == len(out.new_tokens):
+                event.generated_text = full_text(submission, "".join(texts))
+                event.details = StreamDetails(finish_reason=finish_reason(out), generated_tokens=len(texts),
+                                              seed=submission.seed, input_length=len(submission.prompt_ids))
+            yield event.model_dump()
 
-def streaming_response(state: ServerState, sub: Submission) -> Response:
-    return sse_response(stream_events(state, sub), on_close=sub.engine_request.close)
+    return events
 
 
 async def respond(state: ServerState, body: GenerateRequest, request: Request, stream: bool,
                   as_list: bool = False) -> Response:
-    sub = await submit(state, body, stream)
+    submission = await submit(state, body, stream)
     if stream:
-        return streaming_response(state, sub)
-    response = await generate_once(state, sub, request)
+        return stream_response(state, submission.engine_request, "tgi", token_events(submission))
+    response = await generate_once(state, submission, request)
     if response is None:
         return Response(status_code=499)
     payload = response.model_dump(exclude_none=response.details is None)

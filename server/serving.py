@@ -1,43 +1,50 @@
-"""Server state and one request's life: admission, outputs with keep-alive, disconnects, draining."""
+"""Server state and one request's life: admission, outputs with keep-alive, the SSE stream of either
+API family, disconnects, draining."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends
 from starlette.requests import Request
 
-from kvserve.outputs import RequestOutput, TokenInfo
-from kvserve.scheduler.sampling_params import SamplingParams
-from kvserve.server.errors import APIError, from_engine_error
-from kvserve.server.sse import with_keepalive
+from kvserve import RequestOutput, SamplingParams, TokenInfo
+from kvserve.server.errors import APIError, Family, from_engine_error
+from kvserve.server.sse import DONE, KEEPALIVE, SSEResponse, sse_event, with_keepalive
+
+if TYPE_CHECKING:  # importing the server loads neither torch (with the engine) nor prometheus_client
+    from kvserve import AsyncEngine
+    from kvserve.server.metrics import EngineMetrics
 
 logger = logging.getLogger("kvserve.server")
 
 DISCONNECT_POLL_S = 0.2
+
+EventBuilder = Callable[[RequestOutput], Iterable[dict]]
 
 
 @dataclass
 class ServerState:
     """Everything the routes share: the engine (None while loading), metrics, drain flag, requests."""
     served_model_name: str
-    engine: Any = None
-    metrics: Any = None
+    engine: AsyncEngine | None = None
+    metrics: EngineMetrics | None = None
     keepalive_interval: float = 5.0
     draining: bool = False
     load_error: str | None = None
     info: dict = field(default_factory=dict)
     inflight: dict[str, EngineRequest] = field(default_factory=dict)
 
-    def set_engine(self, engine: Any) -> None:
+    def set_engine(self, engine: AsyncEngine) -> None:
+        from kvserve.server.metrics import EngineMetrics  # prometheus_client loads with the engine
+
         self.engine = engine
-        self.metrics = make_metrics(engine, self.served_model_name)
+        self.metrics = EngineMetrics(engine, self.served_model_name)
 
     def health(self) -> tuple[bool, str]:
         if self.load_error:
@@ -47,30 +54,21 @@ class ServerState:
         if self.draining:
             return False, "shutting down"
         if not self.engine.is_running:
-            return False, f"engine died: {getattr(self.engine, 'dead_error', None)!r}"
+            return False, f"engine died: {self.engine.dead_error!r}"
         return True, "ok"
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> AsyncEngine:
         """The engine, or a 503 APIError while loading, draining or dead."""
         ok, why = self.health()
         if not ok:
             raise APIError("unavailable", f"the server cannot take requests: {why}", code="unavailable")
+        assert self.engine is not None
         return self.engine
 
     def record_failure(self, reason: str, request_id: str | None = None) -> None:
         """Count a failure once per request id (the engine reports its aborts too)."""
         if self.metrics is not None:
             self.metrics.record_failure(reason, request_id)
-
-
-def make_metrics(engine: Any, model_name: str) -> Any:
-    """server.metrics.EngineMetrics for this engine, or None if that module is missing."""
-    try:
-        module = importlib.import_module("kvserve.server.metrics")
-    except ImportError as exc:
-        logger.warning("metrics disabled: cannot import server.metrics (%s)", exc)
-        return None
-    return module.EngineMetrics(engine, model_name)
 
 
 def output_error(out: RequestOutput, draining: bool) -> APIError | None:
@@ -96,29 +94,29 @@ class EngineRequest:
         self.request_id = request_id
         self.finished = False
         self.closed = False
-        self._gen: AsyncIterator[RequestOutput] | None = None
-        self._first: asyncio.Future | None = None
+        self._engine_outputs: AsyncIterator[RequestOutput] | None = None
+        self._first_output: asyncio.Future | None = None
 
     async def start(self) -> None:
         """Validate and admit the request; raises APIError before any response byte is sent."""
         engine = self.state.require_engine()
         try:
             engine.validate(self.prompt_ids, self.params)
-            self._gen = engine.generate(self.prompt_ids, self.params, request_id=self.request_id)
-            self._first = asyncio.ensure_future(anext(self._gen))
+            self._engine_outputs = engine.generate(self.prompt_ids, self.params, request_id=self.request_id)
+            self._first_output = asyncio.ensure_future(anext(self._engine_outputs))
             for _ in range(4):  # let the generator run up to its first wait: admitted or rejected
                 await asyncio.sleep(0)
-            if self._first.done() and self._first.exception() is not None:
-                raise self._first.exception()
+            if self._first_output.done() and self._first_output.exception() is not None:
+                raise self._first_output.exception()
         except BaseException as exc:
             self.close(record=False)
             raise from_engine_error(exc) if isinstance(exc, Exception) else exc
         self.state.inflight[self.request_id] = self
 
     async def _source(self) -> AsyncIterator[RequestOutput]:
-        assert self._first is not None and self._gen is not None
-        yield await self._first
-        async for out in self._gen:
+        assert self._first_output is not None and self._engine_outputs is not None
+        yield await self._first_output
+        async for out in self._engine_outputs:
             yield out
 
     async def outputs(self) -> AsyncIterator[RequestOutput | None]:
@@ -143,15 +141,16 @@ class EngineRequest:
             self.close()
 
     async def collect(self, http_request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
-        """Run to the end; None if the client disconnected first (the request is then aborted)."""
+        """Run to the end: the final output and every token; None if the client disconnected first
+        (the request is then aborted). Raises the APIError of a failed or aborted request."""
         tokens: list[TokenInfo] = []
-        last: list[RequestOutput] = []
+        final: list[RequestOutput] = []
 
         async def consume() -> None:
             async for out in self.outputs():
                 if out is not None:
                     tokens.extend(out.new_tokens)
-                    last[:] = [out]
+                    final[:] = [out]
 
         task = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(wait_disconnected(http_request))
@@ -166,7 +165,10 @@ class EngineRequest:
         if task.cancelled():
             return None
         task.result()
-        return last[0], tokens
+        error = output_error(final[0], self.state.draining)
+        if error is not None:
+            raise error
+        return final[0], tokens
 
     def _record_finish(self, out: RequestOutput) -> None:
         if out.error:
@@ -180,14 +182,53 @@ class EngineRequest:
             return
         self.closed = True
         self.state.inflight.pop(self.request_id, None)
-        if self._first is not None and not self._first.done():
-            self._first.cancel()
-        if self.finished or self._gen is None:
+        if self._first_output is not None and not self._first_output.done():
+            self._first_output.cancel()
+        if self.finished or self._engine_outputs is None:
             return
         if record:
             self.state.record_failure("aborted", self.request_id)
         with contextlib.suppress(Exception):
             self.state.engine.abort(self.request_id)
+
+
+async def admit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:
+    """Submit a request to the engine; raises APIError (before any response byte) if it is refused."""
+    engine_request = EngineRequest(state, prompt_ids, params, request_id)
+    await engine_request.start()
+    return engine_request
+
+
+def stream_response(state: ServerState, engine_request: EngineRequest, family: Family, events: EventBuilder,
+                    opening: Iterable[dict] = ()) -> SSEResponse:
+    """The SSE stream of an admitted request in one API family's shape; `events` turns each output into
+    that family's events. The request is closed (aborted if unfinished) however the stream ends."""
+    body = stream_body(state, engine_request, family, events, opening)
+    return SSEResponse(body, on_close=engine_request.close)
+
+
+async def stream_body(state: ServerState, engine_request: EngineRequest, family: Family, events: EventBuilder,
+                      opening: Iterable[dict]) -> AsyncIterator[bytes]:
+    """`opening`, then each output's events with keep-alive comments while the engine is quiet, then
+    `data: [DONE]` for OpenAI (TGI's stream just ends). An error is the last event, in the family's shape."""
+    try:
+        for event in opening:
+            yield sse_event(event)
+        async for out in engine_request.outputs():
+            if out is None:
+                yield KEEPALIVE
+                continue
+            error = output_error(out, state.draining) if out.finished else None
+            if error is not None:
+                raise error
+            for event in events(out):
+                yield sse_event(event)
+        if family == "openai":
+            yield DONE
+    except Exception as exc:  # the headers went out already: the error can only be the last event
+        yield sse_event(from_engine_error(exc).body(family))
+    finally:
+        engine_request.close()
 
 
 def get_state(request: Request) -> ServerState:

@@ -61,7 +61,8 @@ async def _close(source: AsyncIterator, pending: asyncio.Future | None) -> None:
 
 
 class SSEResponse(StreamingResponse):
-    """A text/event-stream response that runs `on_close` however it ends, even if never iterated."""
+    """A text/event-stream response that proxies neither cache nor buffer, and that runs `on_close`
+    however it ends, even if never iterated."""
 
     def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None] | None = None):
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -74,7 +75,3 @@ class SSEResponse(StreamingResponse):
             if self.on_close is not None:
                 self.on_close()
 
-
-def sse_response(body: AsyncIterator[bytes], on_close: Callable[[], None] | None = None) -> SSEResponse:
-    """An SSE response that proxies should neither cache nor buffer."""
-    return SSEResponse(body, on_close)
