@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -16,6 +16,9 @@ import kvserve
 from kvserve.server import routes_openai, routes_tgi
 from kvserve.server.errors import install_error_handlers
 from kvserve.server.serving import ServerState
+
+if TYPE_CHECKING:  # the engine module imports torch; the app loads it only with the engine
+    from kvserve import AsyncEngine
 
 logger = logging.getLogger("kvserve.server")
 
@@ -27,15 +30,15 @@ def version() -> str:
     return kvserve.__version__
 
 
-def is_demo(engine: Any) -> bool:
+def is_demo(engine: AsyncEngine) -> bool:
     return bool(getattr(getattr(engine, "model_config", None), "kvserve_demo", False))
 
 
-def start_engine(state: ServerState, engine: Any) -> None:
+def start_engine(state: ServerState, engine: AsyncEngine) -> None:
     """Start the engine thread (on the event loop's thread) and publish it to the routes."""
     engine.start()
     state.set_engine(engine)
-    if state.metrics is not None and hasattr(state.metrics, "start_log_loop"):
+    if state.metrics is not None:
         state.metrics.start_log_loop()
     logger.info("engine started: model %s served as %r, max_model_len %d, KV pool %s", engine.model_id,
                 state.served_model_name, engine.max_model_len, engine.kv_info)
@@ -43,7 +46,7 @@ def start_engine(state: ServerState, engine: Any) -> None:
         logger.warning("serving the %s", DEMO_NOTE)
 
 
-async def load_engine(state: ServerState, loader: Callable[[], Any],
+async def load_engine(state: ServerState, loader: Callable[[], AsyncEngine],
                       on_error: Callable[[BaseException], None] | None) -> None:
     """Build the engine in a worker thread, logging progress, then start it."""
     began = time.monotonic()
@@ -64,7 +67,7 @@ async def load_engine(state: ServerState, loader: Callable[[], Any],
             on_error(exc)
 
 
-def make_lifespan(state: ServerState, engine: Any, loader: Callable[[], Any] | None,
+def make_lifespan(state: ServerState, engine: AsyncEngine | None, loader: Callable[[], AsyncEngine] | None,
                   on_load_error: Callable[[BaseException], None] | None):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +79,7 @@ def make_lifespan(state: ServerState, engine: Any, loader: Callable[[], Any] | N
         yield
         if task is not None and not task.done():
             task.cancel()
-        if state.metrics is not None and hasattr(state.metrics, "stop_log_loop"):
+        if state.metrics is not None:
             state.metrics.stop_log_loop()
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
@@ -92,13 +95,13 @@ def info(state: ServerState) -> dict:
     if engine is None:
         return result
     stats = engine.stats()
-    kv = dict(engine.kv_info)
+    kv_info = dict(engine.kv_info)
     result.update({
         "model_id": str(engine.model_id), "demo": is_demo(engine),
-        "model_dtype": str(kv.get("dtype", result.get("model_dtype"))),
-        "model_device_type": str(kv.get("device", result.get("model_device_type"))),
+        "model_dtype": str(kv_info.get("dtype", result.get("model_dtype"))),
+        "model_device_type": str(kv_info.get("device", result.get("model_device_type"))),
         "max_model_len": engine.max_model_len, "max_input_tokens": engine.max_model_len - 1,
-        "max_total_tokens": engine.max_model_len, "kv_cache": kv,
+        "max_total_tokens": engine.max_model_len, "kv_cache": kv_info,
         "stats": {**dataclasses.asdict(stats), "usage": stats.usage, "requests_in_flight": len(state.inflight)},
     })
     if result["demo"]:
@@ -127,7 +130,8 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
         return Response(body, media_type=content_type)
 
 
-def create_app(engine: Any = None, served_model_name: str = "kvserve", *, loader: Callable[[], Any] | None = None,
+def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvserve", *,
+               loader: Callable[[], AsyncEngine] | None = None,
                keepalive_interval: float = 5.0, info_extra: dict | None = None,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """Build the app around an AsyncEngine that is not started yet (started at app startup, shut down

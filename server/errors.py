@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from kvserve import EngineDeadError, EngineOverloadedError, InvalidRequestError
 
 logger = logging.getLogger("kvserve.server")
 
@@ -85,13 +85,13 @@ def family_of(request: Request) -> Family:
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """Turn pydantic's error list into one readable message and the first offending field."""
-    parts, first = [], None
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or None
-        first = first or field
-        parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
-    return "; ".join(parts) or "invalid request body", first
+    parts, first_field = [], None
+    for error in exc.errors():
+        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(location) or None
+        first_field = first_field or field
+        parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request body", first_field
 
 
 def _record(request: Request, error: APIError) -> None:
@@ -116,8 +116,7 @@ async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind: Kind = "not_found" if exc.status_code in (404, 405) else "validation"
     error = APIError(kind, str(exc.detail))
-    response = JSONResponse(error.body(family_of(request)), status_code=exc.status_code)
-    return response
+    return JSONResponse(error.body(family_of(request)), status_code=exc.status_code)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -10,12 +10,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvserve.outputs import EngineStats, RequestOutput, StepStats
+from kvserve import EngineStats, RequestOutput, StepStats
+
+if TYPE_CHECKING:  # the engine module imports torch
+    from kvserve import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ _RECENT_FAILURES = 4096   # request ids remembered so an abort seen twice is cou
 class EngineStatsCollector(Collector):
     """Gauges and cumulative counters from one ``engine.stats()`` snapshot per scrape."""
 
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
 
@@ -59,55 +63,58 @@ class EngineStatsCollector(Collector):
             return [up]
         return self._families(stats)
 
-    def _families(self, s: EngineStats | None):
-        m = [self.model_name]
+    def _families(self, stats: EngineStats | None):
+        """Every family; without a snapshot (``describe``), families without samples."""
+        labels = [self.model_name]
 
-        def gauge(name, doc, value, **kw):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"], **kw)
+        def gauge(name, doc, value):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
             if value is not None:
-                g.add_metric(m, value)
-            return g
+                family.add_metric(labels, value)
+            return family
 
         def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
             if value is not None:
-                c.add_metric(m, value)
-            return c
+                family.add_metric(labels, value)
+            return family
 
-        v = (lambda attr: getattr(s, attr)) if s is not None else (lambda attr: None)
+        def stat(attr):
+            return None if stats is None else getattr(stats, attr)
+
         blocks = GaugeMetricFamily("kvserve_kv_cache_blocks", "KV cache blocks by state: used (referenced "
                                    "by a request), cached (free, holding a reusable prefix), free (empty).",
                                    labels=["model_name", "state"])
-        if s is not None:
+        if stats is not None:
             for state in BLOCK_STATES:
-                blocks.add_metric(m + [state], getattr(s, f"blocks_{state}"))
-        running = self.engine.is_running if s is not None else None
+                blocks.add_metric(labels + [state], getattr(stats, f"blocks_{state}"))
+        running = self.engine.is_running if stats is not None else None
         return [
             gauge("kvserve_kv_cache_usage_ratio", "Fraction of KV cache blocks used by requests (0-1).",
-                  s.usage if s is not None else None),
+                  stats.usage if stats is not None else None),
             blocks,
-            gauge("kvserve_kv_cache_capacity_blocks", "KV cache pool size in blocks.", v("num_blocks")),
-            gauge("kvserve_kv_cache_block_size_tokens", "Tokens per KV cache block.", v("block_size")),
-            gauge("kvserve_requests_running", "Requests scheduled in the running batch.", v("num_running")),
-            gauge("kvserve_requests_waiting", "Requests queued, waiting to be scheduled.", v("num_waiting")),
+            gauge("kvserve_kv_cache_capacity_blocks", "KV cache pool size in blocks.", stat("num_blocks")),
+            gauge("kvserve_kv_cache_block_size_tokens", "Tokens per KV cache block.", stat("block_size")),
+            gauge("kvserve_requests_running", "Requests scheduled in the running batch.", stat("num_running")),
+            gauge("kvserve_requests_waiting", "Requests queued, waiting to be scheduled.", stat("num_waiting")),
             gauge("kvserve_engine_up", "1 while the engine thread is alive, 0 after it died.",
                   None if running is None else float(bool(running))),
             counter("kvserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache.",
-                    v("prefix_query_tokens")),
+                    stat("prefix_query_tokens")),
             counter("kvserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
-                    v("prefix_hit_tokens")),
+                    stat("prefix_hit_tokens")),
             counter("kvserve_preemptions", "Requests preempted (blocks freed, recomputed later).",
-                    v("num_preemptions")),
-            counter("kvserve_prompt_tokens", "Prompt tokens computed (prefill work).", v("prompt_tokens")),
-            counter("kvserve_generation_tokens", "Tokens generated.", v("generation_tokens")),
-            counter("kvserve_engine_steps", "Engine steps run.", v("num_steps")),
+                    stat("num_preemptions")),
+            counter("kvserve_prompt_tokens", "Prompt tokens computed (prefill work).", stat("prompt_tokens")),
+            counter("kvserve_generation_tokens", "Tokens generated.", stat("generation_tokens")),
+            counter("kvserve_engine_steps", "Engine steps run.", stat("num_steps")),
         ]
 
 
 class EngineMetrics:
     """All of kvserve's Prometheus metrics for one engine; ``render()`` gives the /metrics body."""
 
-    def __init__(self, engine, model_name: str, registry: CollectorRegistry | None = None):
+    def __init__(self, engine: AsyncEngine, model_name: str, registry: CollectorRegistry | None = None):
         self.engine = engine
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -120,19 +127,18 @@ class EngineMetrics:
         engine.add_step_listener(self.on_step)
         engine.add_finish_listener(self.on_finish)
 
-    def _define(self, r: CollectorRegistry) -> None:
-        lbl = ["model_name"]
+    def _define(self, registry: CollectorRegistry) -> None:
         self.success = Counter("kvserve_request_success", "Requests finished normally, by finish reason.",
-                               lbl + ["finish_reason"], registry=r)
+                               ["model_name", "finish_reason"], registry=registry)
         self.failure = Counter("kvserve_request_failure", "Requests that failed, by reason.",
-                               lbl + ["reason"], registry=r)
+                               ["model_name", "reason"], registry=registry)
         for reason in SUCCESS_REASONS:
             self.success.labels(self.model_name, reason)
         for reason in FAILURE_REASONS:
             self.failure.labels(self.model_name, reason)
 
         def hist(name, doc, buckets):
-            return Histogram(name, doc, lbl, buckets=buckets, registry=r).labels(self.model_name)
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=registry).labels(self.model_name)
 
         self.ttft = hist("kvserve_time_to_first_token_seconds", "Arrival to first output token.", LATENCY_BUCKETS)
         self.itl = hist("kvserve_inter_token_latency_seconds", "Time between consecutive output tokens.",
@@ -169,20 +175,20 @@ class EngineMetrics:
         self._observe_latencies(out)
 
     def _observe_latencies(self, out: RequestOutput) -> None:
-        t = out.metrics
-        if t is None:
+        timing = out.metrics
+        if timing is None:
             return
-        if t.first_scheduled_time is not None:
-            self.queue_time.observe(max(0.0, t.first_scheduled_time - t.arrival_time))
-        if t.first_token_time is not None:
-            self.ttft.observe(max(0.0, t.first_token_time - t.arrival_time))
-        times = list(t.token_times)
-        if t.first_token_time is not None and (not times or times[0] > t.first_token_time):
-            times.insert(0, t.first_token_time)
-        for prev, cur in zip(times, times[1:]):
-            self.itl.observe(max(0.0, cur - prev))
-        if t.finished_time is not None and out.finish_reason != "abort" and out.error is None:
-            self.e2e.observe(max(0.0, t.finished_time - t.arrival_time))
+        if timing.first_scheduled_time is not None:
+            self.queue_time.observe(max(0.0, timing.first_scheduled_time - timing.arrival_time))
+        if timing.first_token_time is not None:
+            self.ttft.observe(max(0.0, timing.first_token_time - timing.arrival_time))
+        token_times = list(timing.token_times)
+        if timing.first_token_time is not None and (not token_times or token_times[0] > timing.first_token_time):
+            token_times.insert(0, timing.first_token_time)
+        for previous, current in zip(token_times, token_times[1:]):
+            self.itl.observe(max(0.0, current - previous))
+        if timing.finished_time is not None and out.finish_reason != "abort" and out.error is None:
+            self.e2e.observe(max(0.0, timing.finished_time - timing.arrival_time))
 
     # server
     def record_failure(self, reason: str, request_id: str | None = None) -> None:
@@ -221,17 +227,17 @@ class EngineMetrics:
         self._log_thread = None
 
     def _log_loop(self, interval: float, stop: threading.Event) -> None:
-        prev, prev_t, was_busy = self.engine.stats(), time.monotonic(), False
+        previous, previous_time, was_busy = self.engine.stats(), time.monotonic(), False
         while not stop.wait(interval):
             try:
-                cur, now = self.engine.stats(), time.monotonic()
+                current, now = self.engine.stats(), time.monotonic()
             except Exception:  # noqa: BLE001 - a dead engine must not kill the logger thread
                 logger.exception("engine.stats() failed")
                 continue
-            busy = cur.num_running + cur.num_waiting > 0 or cur.num_steps != prev.num_steps
+            busy = current.num_running + current.num_waiting > 0 or current.num_steps != previous.num_steps
             if busy or was_busy:
-                logger.info(format_log_line(prev, cur, now - prev_t))
-            prev, prev_t, was_busy = cur, now, busy
+                logger.info(format_log_line(previous, current, now - previous_time))
+            previous, previous_time, was_busy = current, now, busy
 
 
 def format_log_line(prev: EngineStats, cur: EngineStats, elapsed: float) -> str:

@@ -7,8 +7,7 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvserve import AsyncEngine, EngineConfig, SamplingParams
-from kvserve.outputs import EngineStats
+from kvserve import AsyncEngine, EngineConfig, EngineStats, SamplingParams
 from kvserve.server.metrics import FAILURE_REASONS, SUCCESS_REASONS, EngineMetrics, format_log_line
 
 MODEL = "demo"
