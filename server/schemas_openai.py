@@ -103,12 +103,17 @@ class CompletionChoice(BaseModel):
     finish_reason: OpenAIFinishReason | None = None
 
 
-class CompletionResponse(BaseModel):
-    """Also the shape of each streamed chunk (then `usage` is null until the usage chunk)."""
+class CompletionBase(BaseModel):
+    """How every completion body and streamed chunk starts; subclasses fix `object` and the choices."""
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+
+
+class CompletionResponse(CompletionBase):
+    """Also the shape of each streamed chunk (then `usage` is null until the usage chunk)."""
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -136,11 +141,8 @@ class ChatChoice(BaseModel):
     finish_reason: OpenAIFinishReason
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(CompletionBase):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -157,11 +159,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: OpenAIFinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(CompletionBase):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
