@@ -17,7 +17,7 @@ class NullAsDefault(BaseModel):
     @classmethod
     def _drop_nulls(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            return {name: value for name, value in data.items() if value is not None}
         return data
 
 
