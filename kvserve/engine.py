@@ -8,9 +8,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch.profiler import record_function
 
-from kvserve import kv_sizing, loader
+from kvserve import isolation, kv_sizing, loader
 from kvserve.cache.backends import select_backend
 from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve.cache.kv_pool import KVPool, KVSpec
@@ -112,9 +113,13 @@ class LLMEngine:
                 f"{n + params.max_tokens} in all, but max_model_len is {self.max_model_len}; "
                 f"ask for at most {self.max_model_len - n} new tokens", param="max_tokens")
         vocab = self.runner.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"stop token id {bad} is outside the vocabulary [0, {vocab})",
+                                      param="stop_token_ids")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:
@@ -142,32 +147,49 @@ class LLMEngine:
 
     # the step
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the forward, sample, detokenize. A request whose rows break the forward or
+        the sampling fails alone (its output carries the error); the others are not disturbed."""
         t0 = time.perf_counter()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
         if not sched:
             return []
+        outputs = []
         with record_function("kvserve::execute"):
-            logits = self.runner.execute(sched)
-            sampled = [sched.seqs[row] for row in sched.sample_rows]
-            tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
+            logits_by_row, failed_rows = isolation.execute(self.runner, sched)
+            for row, exc in failed_rows.items():
+                outputs.append(self._fail(sched.seqs[row], exc))
+            rows = [row for row in sched.sample_rows if row in logits_by_row]
+            sampled = [sched.seqs[row] for row in rows]
+            results = isolation.sample(self.sampler, torch.stack([logits_by_row[row] for row in rows]),
+                                       sampled) if rows else []
+        for seq, result in zip(sampled, results):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(seq, result))
         self.scheduler.update_computed(sched)
         now = time.monotonic()
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
-        self.generation_tokens += len(tokens)
         self.num_steps += 1
-        outputs = []
         with record_function("kvserve::detokenize"):
-            for seq, token, logprob in zip(sampled, tokens, logprobs):
+            for seq, result in zip(sampled, results):
+                if isinstance(result, Exception):
+                    continue
+                self.generation_tokens += 1
                 state = self.requests[seq.request_id]
-                self._append(state, token, logprob, now)
+                self._append(state, *result, now)
                 outputs.append(self._finish(state) if state.seq.is_finished else self._output(state))
         if self.step_listeners:
             stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
                 fn(stats)
         return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End one request with an error that names what broke; its blocks are freed at once."""
+        log.warning("request %s failed alone: %s: %s", seq.request_id, type(exc).__name__, exc)
+        self.scheduler.finish(seq, "error")
+        return self._finish(self.requests[seq.request_id], error=f"{type(exc).__name__}: {exc}")
 
     def _append(self, state: RequestState, token: int, logprob: float, now: float) -> None:
         seq, params = state.seq, state.seq.params
@@ -201,7 +223,7 @@ class LLMEngine:
                              seq.output_token_ids, finished, seq.finish_reason, seq.stop_reason,
                              seq.num_cached_tokens, state.metrics)
 
-    def _finish(self, state: RequestState) -> RequestOutput:
+    def _finish(self, state: RequestState, error: str | None = None) -> RequestOutput:
         if state.seq.finish_reason != "stop":
             tail = state.detok.flush()
             state.text += tail
@@ -210,6 +232,7 @@ class LLMEngine:
         state.metrics.finished_time = time.monotonic()
         del self.requests[state.seq.request_id]
         out = self._output(state, finished=True)
+        out.error = error
         for fn in self.finish_listeners:
             fn(out)
         return out

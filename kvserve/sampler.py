@@ -97,11 +97,17 @@ def _apply_penalties(row: torch.Tensor, p: SamplingParams, tokens: list[int], nu
 
 def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p -> probabilities [S, V]. Which warps apply is decided from
-    the params on the host, never by reading a device value."""
-    device = logits.device
+    the params on the host, never by reading a device value.
+
+    Extreme but valid parameters (a tiny temperature or repetition penalty) can push logits to
+    infinity: they are clamped to the largest finite float, and a row left with no finite
+    distribution falls back to its most likely token rather than failing the step."""
+    device, vocab_size = logits.device, logits.shape[1]
+    fallback = logits.argmax(dim=-1)
     logits = logits / upload([p.temperature for p in params], device, torch.float32)[:, None]
-    top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
-    if min(top_k) < logits.shape[1]:
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
+    if min(top_k) < vocab_size:
         k = upload(top_k, device)[:, None]
         kth = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -110,13 +116,16 @@ def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p   # keep the smallest set reaching top_p
+        drop[:, 0] = False                                      # and always the most likely token
         logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
         min_p = upload([p.min_p for p in params], device, torch.float32)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    usable = probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
+    one_hot = torch.nn.functional.one_hot(fallback, vocab_size).to(probs.dtype)
+    return torch.where(usable[:, None], probs, one_hot)
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -1,14 +1,24 @@
-"""Per-request sampling and stopping parameters."""
+"""Per-request sampling and stopping parameters, checked so that no value can break a step."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5          # a temperature below this samples greedily (dividing by it overflows)
+MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_TOKEN_ID = 2**31 - 1
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # OpenAI's signed 64-bit seeds and TGI's unsigned ones
 
 
 @dataclass
 class SamplingParams:
+    """Every field is checked here, whoever builds the params (the HTTP edge or the offline API):
+    a bad value raises ValueError naming the field, before the request reaches the engine."""
     max_tokens: int = 16
-    temperature: float = 1.0          # 0 means greedy
-    top_k: int = 0                    # 0 or -1: off
+    temperature: float = 1.0          # 0 (or below 1e-5) means greedy
+    top_k: int = 0                    # 0 or -1: off; larger than the vocabulary: off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0   # HF-style, over prompt and output tokens
@@ -26,28 +36,70 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        errors = []
-        if self.max_tokens < 1:
-            errors.append(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            errors.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < -1:
-            errors.append(f"top_k must be -1, 0 or positive, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            errors.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            errors.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            errors.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
-            errors.append("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if any(not s for s in self.stop):
-            errors.append("stop strings must not be empty")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            errors.append(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        errors = [e for e in self._errors() if e]
         if errors:
             raise ValueError("; ".join(errors))
 
+    def _errors(self):
+        yield _integer("max_tokens", self.max_tokens, 1, None)
+        yield _number("temperature", self.temperature, 0, None)
+        yield _integer("top_k", self.top_k, -1, None)
+        yield _number("top_p", self.top_p, 0, 1, low_open=True)
+        yield _number("min_p", self.min_p, 0, 1)
+        yield _number("repetition_penalty", self.repetition_penalty, 0, None, low_open=True)
+        yield _number("presence_penalty", self.presence_penalty, -2, 2)
+        yield _number("frequency_penalty", self.frequency_penalty, -2, 2)
+        if self.seed is not None:
+            yield _integer("seed", self.seed, SEED_MIN, SEED_MAX)
+        yield _integer("min_tokens", self.min_tokens, 0, None)
+        if _is_int(self.min_tokens) and _is_int(self.max_tokens) and self.min_tokens > self.max_tokens:
+            yield f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
+        yield from self._stop_errors()
+
+    def _stop_errors(self):
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            yield "stop must be a string or a list of strings"
+        elif len(self.stop) > MAX_STOP_STRINGS:
+            yield f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+        elif any(not s for s in self.stop):
+            yield "stop strings must not be empty"
+        elif any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            yield f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters"
+        if not isinstance(self.stop_token_ids, list):
+            yield "stop_token_ids must be a list of token ids"
+        elif len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            yield f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed"
+        else:
+            bad = next((t for t in self.stop_token_ids if not _is_int(t) or not 0 <= t <= MAX_TOKEN_ID), None)
+            if bad is not None:
+                yield f"stop_token_ids must hold token ids (integers >= 0), got {bad!r}"
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(name: str, value, low: int | None, high: int | None) -> str | None:
+    if not _is_int(value):
+        return f"{name} must be an integer, got {value!r}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"{name} must be {_range(low, high, False)}, got {value}"
+    return None
+
+
+def _number(name: str, value, low: float | None, high: float | None, low_open: bool = False) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        return f"{name} must be {_range(low, high, low_open)}, got {value}"
+    return None
+
+
+def _range(low, high, low_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}]"
