@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 
 from kvserve.config import EngineConfig
 from kvserve.engine import LLMEngine
-from kvserve.errors import EngineDeadError, EngineOverloadedError
+from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from kvserve.outputs import EngineStats, RequestOutput, StepStats
 from kvserve.scheduler.sampling_params import SamplingParams
 
@@ -41,6 +41,8 @@ class AsyncEngine:
         self._stopping = False
         self._started = threading.Event()
         self.dead_error: BaseException | None = None
+        self._death_listeners: list[Callable[[BaseException], None]] = []
+        self._stats: EngineStats | None = None   # published by the engine thread after every step
         built = threading.Event()
         build_error: list[BaseException] = []
         self._thread = threading.Thread(target=self._main, args=(cfg, built, build_error), name="kvserve-engine",
@@ -74,7 +76,8 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._started.is_set() and self._thread.is_alive() and self.dead_error is None
+        return (self._started.is_set() and self._thread.is_alive() and self.dead_error is None
+                and not self._stopping)
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -83,17 +86,24 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params)
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return self.engine.stats()
+        """The snapshot the engine thread published after its last step: never waits for a step."""
+        return self._stats if self._stats is not None else self.engine.stats()
 
     def num_unfinished(self) -> int:
         return len(self._streams)
+
+    def _num_waiting(self) -> int:
+        return self._stats.num_waiting if self._stats is not None else 0
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self.engine.add_step_listener(fn)
 
     def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
         self.engine.add_finish_listener(fn)
+
+    def add_death_listener(self, fn: Callable[[BaseException], None]) -> None:
+        """fn(error) once, from the engine thread, if the engine dies (after every request was failed)."""
+        self._death_listeners.append(fn)
 
     # lifecycle
     def start(self) -> None:
@@ -113,12 +123,17 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
-        if self._adds_sent - self._adds_taken + len(self.engine.scheduler.waiting) >= self.max_waiting_requests:
+        if self._adds_sent - self._adds_taken + self._num_waiting() >= self.max_waiting_requests:
             raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting; "
                                         "try again later")
         request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if not self.is_running:   # died (or stopped) while we registered: nobody would answer us
+            self._streams.pop(request_id, None)
+            raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         self._adds_sent += 1
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wake.set()
@@ -155,22 +170,36 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self._publish_stats()
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
+                    self._publish_stats()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
                 with self._lock:
                     outputs = self.engine.step()
+                    self._publish_stats()
                 for out in outputs:
                     self._deliver(out)
             self._abort_all()
+            self._fail_all(EngineDeadError("the engine was shut down"))
         except BaseException as exc:  # the engine died: fail every request, /health turns red
             log.exception("the engine loop died")
             self.dead_error = exc
-            for loop, stream in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"the engine died: {exc!r}"))
+            self._fail_all(EngineDeadError(f"the engine died: {exc!r}"))
+            for fn in self._death_listeners:
+                fn(exc)
+
+    def _publish_stats(self) -> None:
+        self._stats = self.engine.stats()
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        """Every caller still waiting gets the error, those whose add is still in the inbox too."""
+        self._stopping = True
+        for loop, stream in list(self._streams.values()):
+            loop.call_soon_threadsafe(stream.put_nowait, error)
 
     def _drain_inbox(self) -> None:
         while True:

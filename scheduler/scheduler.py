@@ -32,6 +32,27 @@ class SchedulerOutput:
     def total_tokens(self) -> int:
         return len(self.input_ids)
 
+    def select(self, rows: list[int], block_copies: list[tuple[int, int]]) -> SchedulerOutput:
+        """The same step restricted to some of its rows, kept in order (so decodes stay first)."""
+        starts = [0]
+        for n in self.num_tokens:
+            starts.append(starts[-1] + n)
+        out = SchedulerOutput(block_copies=block_copies)
+        sampling = set(self.sample_rows)
+        for row in rows:
+            tokens = slice(starts[row], starts[row + 1])
+            if row in sampling:
+                out.sample_rows.append(len(out.seqs))
+            out.seqs.append(self.seqs[row])
+            out.num_tokens.append(self.num_tokens[row])
+            out.context_lens.append(self.context_lens[row])
+            out.block_tables.append(self.block_tables[row])
+            out.num_decodes += row < self.num_decodes
+            out.input_ids.extend(self.input_ids[tokens])
+            out.positions.extend(self.positions[tokens])
+            out.slot_mapping.extend(self.slot_mapping[tokens])
+        return out
+
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
@@ -125,6 +146,8 @@ class Scheduler:
     def update_computed(self, out: SchedulerOutput) -> None:
         """After the forward: advance num_computed_tokens and publish full blocks to the prefix cache."""
         for seq, n in zip(out.seqs, out.num_tokens):
+            if seq.is_finished:
+                continue   # failed during the step: its blocks are already freed, none is published
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
 

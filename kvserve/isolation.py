@@ -1,0 +1,92 @@
+"""A request that breaks a step fails alone: the step is retried without it, and everyone else
+gets the tokens they would have got anyway.
+
+The forward pass is retried by halves until the rows that fail on their own are found (a row's
+logits do not depend on which other rows share the batch). Sampling is retried row by row, with
+each seeded request's generator put back to where it was before the failed attempt. A fault that
+belongs to no request (the device is lost, memory cannot be had) is re-raised: the engine dies.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvserve.runner import ModelRunner
+from kvserve.sampler import Sampler
+from kvserve.scheduler.scheduler import SchedulerOutput
+from kvserve.scheduler.sequence import Sequence
+
+log = logging.getLogger("kvserve")
+
+_FATAL_MESSAGES = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "out of memory")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Faults of the engine or the device, not of one request."""
+    if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return any(text in str(exc) for text in _FATAL_MESSAGES)
+
+
+def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[dict[int, torch.Tensor], dict[int, Exception]]:
+    """Run the step. Returns the logits of each sampling row that ran, and the rows that failed alone."""
+    try:
+        logits = runner.execute(step)
+        return {row: logits[i] for i, row in enumerate(step.sample_rows)}, {}
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        log.warning("a step of %d rows failed (%s: %s); retrying it by halves to find the rows that break it",
+                    len(step.seqs), type(exc).__name__, exc)
+    logits_by_row: dict[int, torch.Tensor] = {}
+    failed: dict[int, Exception] = {}
+    copies = [step.block_copies]   # copy-on-write copies run once more, with the first part to run
+    _bisect(runner, step, list(range(len(step.seqs))), copies, logits_by_row, failed)
+    if len(failed) == len(step.seqs) > 1:
+        raise next(iter(failed.values()))   # every row fails on its own: the engine is at fault
+    return logits_by_row, failed
+
+
+def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], copies: list,
+            logits_by_row: dict[int, torch.Tensor], failed: dict[int, Exception]) -> None:
+    part = step.select(rows, copies[0])
+    try:
+        logits = runner.execute(part)
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        if len(rows) == 1:
+            failed[rows[0]] = exc
+            return
+        half = len(rows) // 2
+        _bisect(runner, step, rows[:half], copies, logits_by_row, failed)
+        _bisect(runner, step, rows[half:], copies, logits_by_row, failed)
+        return
+    copies[0] = []
+    for i, part_row in enumerate(part.sample_rows):
+        logits_by_row[rows[part_row]] = logits[i]
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float] | Exception]:
+    """A (token, logprob) for each sequence, or the error that its row alone raised."""
+    generators = {id(s): s.generator.get_state() for s in seqs if s.generator is not None}
+    try:
+        tokens, logprobs = sampler(logits, seqs)
+        return list(zip(tokens, logprobs))
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        log.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(seqs), type(exc).__name__, exc)
+    results: list[tuple[int, float] | Exception] = []
+    for i, seq in enumerate(seqs):
+        if id(seq) in generators:
+            seq.generator.set_state(generators[id(seq)])
+        try:
+            tokens, logprobs = sampler(logits[i:i + 1], [seq])
+            results.append((tokens[0], logprobs[0]))
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            results.append(exc)
+    return results

@@ -1,0 +1,222 @@
+"""No request can break the engine for others: hostile sampling values, a request that breaks the
+forward or the sampler, duplicate ids, shutdown and death races (offline and async APIs)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from kvserve import LLM, AsyncEngine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
+from kvserve import sampler as sampler_module
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "abc", "0123456789" * 4]
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir):
+    return LLM(demo_model_dir, block_size=8, num_kv_blocks=256, max_num_batched_tokens=32)
+
+
+def greedy(n: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(llm):
+    return [o.token_ids for o in llm.generate(PROMPTS, greedy())]
+
+
+# Within every documented bound, yet each of these broke a step before: they must now sample.
+EXTREME = [
+    dict(temperature=1e-50), dict(temperature=2.0, top_p=1e-50), dict(temperature=1.0, repetition_penalty=1e-50),
+    dict(temperature=1.0, repetition_penalty=1e50), dict(temperature=1.0, top_k=10**9),
+    dict(temperature=1.0, seed=2**64 - 1), dict(temperature=1.0, seed=-2**63), dict(temperature=1.0, min_p=1.0),
+    dict(temperature=0.7, presence_penalty=2.0, frequency_penalty=-2.0), dict(temperature=1e-4, top_k=1),
+]
+
+
+@pytest.mark.parametrize("extreme", EXTREME, ids=[str(e) for e in EXTREME])
+def test_extreme_valid_values_sample_and_leave_others_alone(llm, undisturbed, extreme):
+    hostile = SamplingParams(max_tokens=12, ignore_eos=True, **extreme)
+    outs = llm.generate(PROMPTS + PROMPTS[:1], [greedy()] * len(PROMPTS) + [hostile])
+    assert [o.token_ids for o in outs[:len(PROMPTS)]] == undisturbed
+    assert len(outs[-1].token_ids) == 12 and outs[-1].error is None
+    assert all(0 <= t < llm.engine.runner.vocab_size for t in outs[-1].token_ids)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -1.0), ("top_p", 0.0),
+    ("top_p", 1.5), ("top_p", float("nan")), ("top_k", -2), ("top_k", 1.5), ("min_p", 2.0),
+    ("repetition_penalty", 0.0), ("repetition_penalty", float("inf")), ("presence_penalty", 3.0),
+    ("frequency_penalty", float("-inf")), ("seed", 2**64), ("seed", -2**63 - 1), ("seed", "1"),
+    ("max_tokens", 0), ("max_tokens", True), ("min_tokens", -(2**64)), ("min_tokens", 17),
+    ("stop_token_ids", [-1]), ("stop_token_ids", [2**64]), ("stop_token_ids", list(range(2000))),
+    ("stop_token_ids", ["1"]), ("stop", [""]), ("stop", ["x"] * 100), ("stop", ["x" * 5000]), ("stop", [1]),
+])
+def test_out_of_bounds_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{"max_tokens": 16, field: value})
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llm):
+    vocab = llm.engine.runner.vocab_size
+    with pytest.raises(InvalidRequestError, match="stop token id") as info:
+        llm.engine.validate([5, 6], SamplingParams(stop_token_ids=[vocab]))
+    assert info.value.param == "stop_token_ids"
+
+
+def test_a_request_that_breaks_the_forward_fails_alone(llm, undisturbed, monkeypatch):
+    # any step holding this token makes the model raise, batched or alone; no other request has it
+    used = {t for p in PROMPTS for t in llm.engine.encode(p)} | {t for ids in undisturbed for t in ids}
+    poison = next(t for t in range(3, 250) if t not in used)
+    model = llm.engine.runner.model
+    forward = model.forward
+
+    def poisoned_forward(*args, input_ids=None, **kwargs):
+        if bool((input_ids == poison).any()):
+            raise RuntimeError("the forward cannot take this request")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", poisoned_forward)
+    blocks_before = llm.engine.stats().blocks_used
+    outs = llm.generate(PROMPTS[:2] + [[poison, 1, 2]] + PROMPTS[2:], [greedy()] * (len(PROMPTS) + 1))
+    bad = outs.pop(2)
+    assert bad.finished and bad.error and "cannot take this request" in bad.error and bad.finish_reason == "error"
+    assert [o.token_ids for o in outs] == undisturbed
+    assert llm.engine.stats().blocks_used == blocks_before
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(PROMPTS, greedy())] == undisturbed   # and it keeps serving
+
+
+def test_a_request_that_breaks_the_sampler_fails_alone_and_seeds_stay_exact(llm, monkeypatch):
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    expected = llm.generate(PROMPTS, [seeded] * len(PROMPTS))
+    real = sampler_module.sample
+
+    def fragile(logits, params, *args, **kwargs):
+        if any(p.top_k == 13 for p in params):
+            raise ValueError("this row cannot be sampled")
+        return real(logits, params, *args, **kwargs)
+
+    monkeypatch.setattr(sampler_module, "sample", fragile)
+    bad = SamplingParams(max_tokens=10, temperature=1.0, top_k=13)
+    outs = llm.generate(PROMPTS + ["x"], [seeded] * len(PROMPTS) + [bad])
+    assert outs[-1].error and "cannot be sampled" in outs[-1].error
+    assert [o.token_ids for o in outs[:-1]] == [o.token_ids for o in expected]
+
+
+def test_a_fault_of_the_engine_is_not_blamed_on_requests(llm, monkeypatch):
+    """When every row fails on its own too, the step's error is re-raised: the engine is at fault."""
+    monkeypatch.setattr(llm.engine.runner, "execute", lambda step: (_ for _ in ()).throw(RuntimeError("broken")))
+    for prompt in PROMPTS[:2]:
+        llm.engine.add_request(prompt, greedy())
+    with pytest.raises(RuntimeError, match="broken"):
+        llm.engine.step()
+    monkeypatch.undo()
+    for request_id in list(llm.engine.requests):
+        llm.engine.abort(request_id)
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture
+def async_engine(demo_model_dir):
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+async def collect(engine: AsyncEngine, prompt, params, request_id=None):
+    return [out async for out in engine.generate(prompt, params, request_id=request_id)]
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_caller_is_served(async_engine):
+    async def scenario():
+        first = asyncio.ensure_future(collect(async_engine, "hello", greedy(40), request_id="same"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await collect(async_engine, "other", greedy(), request_id="same")
+        outs = await first
+        assert outs[-1].finished and len(outs[-1].token_ids) == 40
+    run(scenario())
+
+
+def test_stats_never_wait_for_a_step(async_engine):
+    """A scrape reads the snapshot the engine published: it answers while the engine lock is held."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with async_engine._lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(5)
+    try:
+        done = []
+        reader = threading.Thread(target=lambda: done.append(async_engine.stats()))
+        reader.start()
+        reader.join(2)
+        assert done and done[0].num_blocks == 64
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_shutdown_answers_every_caller_including_those_still_in_the_inbox(demo_model_dir):
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
+    engine.start()
+
+    async def scenario():
+        engine._lock.acquire()   # the engine thread stalls on its inbox: adds queue up behind it
+        try:
+            callers = [asyncio.ensure_future(collect(engine, p, greedy())) for p in PROMPTS]
+            await asyncio.sleep(0.1)
+            stopping = asyncio.ensure_future(asyncio.to_thread(engine.shutdown))
+            await asyncio.sleep(0.1)
+        finally:
+            engine._lock.release()
+        await stopping
+        results = await asyncio.gather(*callers, return_exceptions=True)
+        for result in results:   # taken in before the stop: aborted; still in the inbox: an error
+            assert isinstance(result, EngineDeadError) or result[-1].finish_reason == "abort", result
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", greedy())
+    run(scenario())
+
+
+def test_adds_left_in_the_inbox_at_shutdown_get_an_error(demo_model_dir, monkeypatch):
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
+    monkeypatch.setattr(engine, "_drain_inbox", lambda: None)   # as if they arrived after the last drain
+    engine.start()
+
+    async def scenario():
+        callers = [asyncio.ensure_future(collect(engine, p, greedy())) for p in PROMPTS]
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(engine.shutdown)
+        results = await asyncio.gather(*callers, return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+    run(scenario())
+
+
+def test_engine_death_fails_everyone_and_tells_its_listener(demo_model_dir, monkeypatch):
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
+    died = []
+    engine.add_death_listener(died.append)
+    monkeypatch.setattr(engine.engine, "step", lambda: (_ for _ in ()).throw(MemoryError("device lost")))
+    engine.start()
+
+    async def scenario():
+        results = await asyncio.gather(*[collect(engine, p, greedy()) for p in PROMPTS], return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", greedy())
+    run(scenario())
+    assert len(died) == 1 and isinstance(died[0], MemoryError) and not engine.is_running
+    engine.shutdown()
