@@ -50,12 +50,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
     banned = banned or [[] for _ in params]
-    if all(p.greedy and not _has_penalty(p) for p in params) and not any(banned):
+    if all(p.greedy and not _has_penalty(p) and not p.logit_bias for p in params) and not any(banned):
         chosen = logits.argmax(dim=-1)
     else:
         chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
         logits = logits.clone()
         for i, p in enumerate(params):
+            if p.logit_bias:
+                logits[i, upload(list(p.logit_bias), logits.device)] += upload(list(p.logit_bias.values()),
+                                                                             logits.device, torch.float32)
             if _has_penalty(p):
                 _apply_penalties(logits[i], p, token_ids[i], num_prompt[i])
             ids = [t for t in banned[i] if t < logits.shape[1]]

@@ -9,6 +9,7 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_TOKEN_ID = 2**31 - 1
+MAX_LOGIT_BIAS = 1024                    # entries; each bias is in [-100, 100] as OpenAI documents
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # OpenAI's signed 64-bit seeds and TGI's unsigned ones
 
 
@@ -32,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = True             # log-probability of each chosen token
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,6 +57,7 @@ class SamplingParams:
         if _is_int(self.min_tokens) and _is_int(self.max_tokens) and self.min_tokens > self.max_tokens:
             yield f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
         yield from self._stop_errors()
+        yield _logit_bias_error(self.logit_bias)
 
     def _stop_errors(self):
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
@@ -77,6 +80,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+def _logit_bias_error(bias) -> str | None:
+    if not isinstance(bias, dict):
+        return "logit_bias must map token ids to numbers"
+    if len(bias) > MAX_LOGIT_BIAS:
+        return f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed"
+    for token, value in bias.items():
+        if not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
+            return f"logit_bias keys must be token ids (integers >= 0), got {token!r}"
+        error = _number(f"logit_bias[{token}]", value, -100, 100)
+        if error:
+            return error
+    return None
 
 
 def _is_int(value) -> bool:

@@ -62,7 +62,7 @@ def test_out_of_bounds_values_are_refused_naming_the_field(field, value):
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused(llm):
     vocab = llm.engine.runner.vocab_size
-    with pytest.raises(InvalidRequestError, match="stop token id") as info:
+    with pytest.raises(InvalidRequestError, match="stop_token_ids: token id") as info:
         llm.engine.validate([5, 6], SamplingParams(stop_token_ids=[vocab]))
     assert info.value.param == "stop_token_ids"
 
@@ -220,3 +220,18 @@ def test_engine_death_fails_everyone_and_tells_its_listener(demo_model_dir, monk
     run(scenario())
     assert len(died) == 1 and isinstance(died[0], MemoryError) and not engine.is_running
     engine.shutdown()
+
+
+def test_logit_bias_steers_sampling_and_is_bounded(llm, undisturbed):
+    target = undisturbed[0][0] + 1
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                  logit_bias={target: 100.0}))[0]
+    assert out.token_ids == [target] * 4
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                  logit_bias={undisturbed[0][0]: -100.0}))[0]
+    assert out.token_ids[0] != undisturbed[0][0]
+    for bias in ({1: 101.0}, {1: float("nan")}, {-1: 1.0}, {"1": 1.0}, {i: 1.0 for i in range(2000)}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bias)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        llm.engine.validate([5], SamplingParams(logit_bias={llm.engine.runner.vocab_size: 1.0}))
