@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 import kvserve
 from kvserve.server import routes_openai, routes_tgi
 from kvserve.server.errors import install_error_handlers
-from kvserve.server.serving import ServerState
+from kvserve.server.serving import ServerSettings, ServerState
 
 if TYPE_CHECKING:  # the engine module imports torch; the app loads it only with the engine
     from kvserve import AsyncEngine
@@ -133,10 +133,14 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
 def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvserve", *,
                loader: Callable[[], AsyncEngine] | None = None,
                keepalive_interval: float = 5.0, info_extra: dict | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[BaseException], None] | None = None,
+               settings: ServerSettings | None = None) -> FastAPI:
     """Build the app around an AsyncEngine that is not started yet (started at app startup, shut down
-    at app shutdown), or around `loader`, which builds one in a worker thread while /health says 503."""
-    state = ServerState(served_model_name=served_model_name, keepalive_interval=keepalive_interval,
+    at app shutdown), or around `loader`, which builds one in a worker thread while /health says 503.
+    `settings` (names, API key, body limit, template trust) default to served_model_name alone."""
+    settings = settings or ServerSettings(served_model_names=(served_model_name,))
+    state = ServerState(served_model_name=settings.served_model_names[0], settings=settings,
+                        keepalive_interval=keepalive_interval,
                         info={"started": int(time.time()), **(info_extra or {})})
     app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error),
                   description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")

@@ -28,10 +28,23 @@ DISCONNECT_POLL_S = 0.2
 EventBuilder = Callable[[RequestOutput], Iterable[dict]]
 
 
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The operator's choices for the HTTP edge (flags of `kvserve serve`)."""
+    served_model_names: tuple[str, ...] = ("kvserve",)  # the first is reported; every one is accepted
+    api_key: str | None = None                           # Bearer token the API routes require
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger bodies get 413
+    trust_request_chat_template: bool = False            # allow a client's own chat_template
+
+
 @dataclass
 class ServerState:
     """Everything the routes share: the engine (None while loading), metrics, drain flag, requests."""
     served_model_name: str
+    settings: ServerSettings = field(default_factory=ServerSettings)
     engine: AsyncEngine | None = None
     metrics: EngineMetrics | None = None
     keepalive_interval: float = 5.0
