@@ -42,8 +42,5 @@ class LLM:
 
 
 def _progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="requests", unit="req")
+    from kvserve.progress import progress
+    return progress(total=total, desc="requests", unit="req")
