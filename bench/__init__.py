@@ -1,1 +1,1 @@
-"""kvserve's benchmark suite: `python -m bench <name>` or `kvserve bench <name>`."""
+"""kvserve's benchmark suite: `kvserve bench <name>` or `python -m kvserve.bench <name>`."""

@@ -22,11 +22,12 @@ log = logging.getLogger("kvserve.bench")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--lengths", type=int_list, default=[50, 100, 200, 300, 500],
-                   help="new-token counts, comma separated")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
-    p.add_argument("--repeats", type=int, default=1, help="runs per point; the median is reported")
+    g = p.add_argument_group("workload")
+    g.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prompt tokens")
+    g.add_argument("--lengths", type=int_list, default=[50, 100, 200, 300, 500], metavar="LIST",
+                   help="new tokens per run, comma separated")
+    g.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST", help="comma-separated systems")
+    g.add_argument("--repeats", type=int, default=1, metavar="N", help="runs per point, median reported")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,12 +112,39 @@ def _report(args, machine, times: dict[str, dict[int, float]]) -> None:
                "speedup": {f"{b}/{a}": {str(n): ratio(times[a][n], times[b][n]) for n in args.lengths}
                            for a, b in speedups}}
     common.write_json(args.out_dir, NAME, payload)
-    fig, (ax,) = common.new_figure()
-    for s, v in times.items():
-        ax.plot(list(v), list(v.values()), marker="o", label=LABELS[s])
-    ax.set_xlabel("new tokens (one stream)")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"Generation time vs length, {args.prompt_len}-token prompt, {args.model_shape}")
-    ax.legend()
+    plot(payload, args.out_dir)
+
+
+STYLES = {"kvserve": dict(color="tab:green", marker="o", ls="-", lw=3.5, alpha=0.55, ms=9),
+          "generate_cache": dict(color="tab:blue", marker="s", ls="--", lw=1.5, ms=5),
+          "generate_no_cache": dict(color="tab:gray", marker="^", ls=":", lw=1.5, ms=6)}
+
+
+def plot(payload: dict, out_dir) -> object:
+    """Seconds against new tokens per system (left) and the speedups at each length (right)."""
+    fig, (ax, ax2) = common.new_figure(2, width=5.6, height=4.6)
+    seconds, cfg = payload["seconds"], payload["config"]
+    for s, v in seconds.items():
+        ax.plot([int(n) for n in v], list(v.values()), label=LABELS.get(s, s), **STYLES.get(s, {}))
+    ax.set_xlabel("new tokens generated (one stream)")
+    ax.set_ylabel("wall time, s (lower is better)")
+    ax.set_title("Time to generate n tokens")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
+    pairs = {"kvserve/generate_no_cache": ("kvserve vs generate(use_cache=False)", STYLES["generate_no_cache"]),
+             "kvserve/generate_cache": ("kvserve vs generate(use_cache=True)", STYLES["generate_cache"])}
+    for key, (label, style) in pairs.items():
+        v = payload["speedup"].get(key)
+        if v:
+            ax2.plot([int(n) for n in v], list(v.values()), label=label, **style)
+    ax2.axhline(1.0, color="0.3", lw=0.8, label="1x = same time")
+    ax2.set_xlabel("new tokens generated (one stream)")
+    ax2.set_ylabel("kvserve speedup, x (time of the other / kvserve's)")
+    ax2.set_title("kvserve's speedup")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    repeats = f", median of {cfg['repeats']} runs" if cfg.get("repeats", 1) > 1 else ""
+    title = (f"KV cache on one stream: {cfg['prompt_len']}-token prompt, greedy{repeats} "
+             f"({payload['model']['shape']}, {payload['model']['dtype']})")
+    return common.save_figure(fig, out_dir, NAME, title, payload["machine"])

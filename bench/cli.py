@@ -1,9 +1,10 @@
-"""`python -m bench <name> [flags]` / `kvserve bench <name> [flags]`: run one benchmark, print its table."""
+"""`kvserve bench <name> [flags]` / `python -m kvserve.bench <name> [flags]`: run one benchmark, print its table."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 BENCHMARKS = {
     "throughput": "kvserve.bench.throughput",
@@ -15,16 +16,17 @@ BENCHMARKS = {
 }
 
 
-def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip())
+def build_parser(prog: str = "kvserve bench") -> argparse.ArgumentParser:
+    from kvserve.bench.common import HelpFormatter
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip(),
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", metavar="<name>")
     sub.required = True
     for name, module in BENCHMARKS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _plot=getattr(mod, "plot", None), _name=mod.NAME)
     sub.add_parser("models", help="list the named random-weight model shapes").set_defaults(_run=_list_models)
     return parser
 
@@ -37,9 +39,25 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replot(args: argparse.Namespace) -> int:
+    from kvserve.bench.common import read_json
+    if args._plot is None:
+        raise SystemExit(f"{args._name} draws no plot")
+    path = Path(args.replot)
+    args._plot(read_json(path), Path(args.out_dir) if args.out_dir else path.parent)
+    return 0
+
+
+def _prog() -> str:
+    first = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    parent = Path(sys.argv[0]).parent.name if sys.argv and sys.argv[0] else ""
+    return "python -m kvserve.bench" if (first == "__main__.py" and parent == "bench") else "kvserve bench"
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvserve.bench.common import setup_logging
-    prog = "kvserve bench" if sys.argv and sys.argv[0].endswith("kvserve") else "python -m bench"
-    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_prog()).parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(getattr(args, "verbose", False))
+    if getattr(args, "replot", None):
+        return _replot(args)
     return int(args._run(args) or 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 log = logging.getLogger("kvserve.bench")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = "bench-results"   # under the current directory: ./bench-results/<name>/
 
 
 @dataclass(slots=True)
@@ -35,17 +35,44 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("ContinuousBatchingLogger").addFilter(lambda r: "psutil" not in r.getMessage())
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """One line per flag where the terminal allows; the default appended once, unless the help names it."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default in (None, "") or isinstance(default, bool)
+                or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {show_default(default)})".replace("%", "%%")
+
+
+def show_default(value: Any) -> str:
+    """A default as it is typed on the command line: 32:512 for a range, 0.5,1,2 for a list."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def add_common_args(p: argparse.ArgumentParser, *, shape: str = "llama-small") -> None:
     g = p.add_argument_group("common")
-    g.add_argument("--model-shape", default=shape,
-                   help="named random-weight shape (see `python -m bench models`) or a local model folder")
-    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out-dir", type=Path, default=None, help="default bench/results/<name>/")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("--model-shape", default=shape, metavar="SHAPE",
+                   help="`kvserve bench models` name or a model folder")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], metavar="DTYPE",
+                   help="float32, bfloat16, float16; auto (default) = bfloat16 on CUDA")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the workload and the sampler")
+    g.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
+                   help=f"where <name>.json and <name>.png go (default: ./{RESULTS_DIR}/<name>/)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's choice)")
+    g.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="only redraw the plot from a JSON this benchmark wrote")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def resolve_device(device: str) -> str:
@@ -66,11 +93,15 @@ def prepare(args: argparse.Namespace, name: str) -> None:
     import torch
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
-    args.out_dir = Path(args.out_dir or REPO_ROOT / "bench" / "results" / name)
+    args.out_dir = default_out_dir(args, name)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_all(args.seed)
+
+
+def default_out_dir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out_dir) if args.out_dir else Path.cwd() / RESULTS_DIR / name
 
 
 def seed_all(seed: int) -> None:
@@ -133,6 +164,7 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "kvserve_version": _kvserve_version(),
         "kvserve_commit": _git_commit(),
         "device": device,
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -165,9 +197,19 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _kvserve_version() -> str | None:
+    import kvserve
+    return getattr(kvserve, "__version__", None)
+
+
 def _git_commit() -> str | None:
+    """The checkout's commit when kvserve runs from one (an editable install); None when installed."""
+    import kvserve
+    root = Path(kvserve.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -178,8 +220,10 @@ def machine_line(info: dict) -> str:
     dev = info.get("gpu") or info.get("device")
     load = info.get("load_average")
     load_s = f", load {load[0]:.1f}" if load else ""
-    return (f"{info['cpu_model']} ({info['cpu_cores']} cores{load_s}), device {dev}, "
-            f"torch {info['torch']}, transformers {info['transformers']}")
+    commit = info.get("kvserve_commit") or info.get("kvserve_version")
+    commit_s = f", kvserve {commit}" if commit else ""
+    return (f"{info['cpu_model']}, {info['cpu_cores']} cores{load_s}; device {dev}; "
+            f"torch {info['torch']}, transformers {info['transformers']}{commit_s}")
 
 
 # statistics
@@ -264,7 +308,7 @@ def write_json(out_dir: Path, name: str, payload: dict) -> Path:
     return path
 
 
-def new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.2):
+def new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.4):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -272,24 +316,29 @@ def new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.2):
     return fig, list(axes[0])
 
 
-def save_figure(fig, out_dir: Path, name: str, caption: str | None = None) -> Path:
+def save_figure(fig, out_dir: Path, name: str, title: str, machine: dict) -> Path:
+    """Title on top, the machine that ran it as a subtitle under it; PNG at out_dir/<name>.png."""
     import matplotlib.pyplot as plt
-    if caption:
-        fig.text(0.01, 0.005, caption, fontsize=7, color="0.4", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03 if caption else 0, 1, 1))
+    height = fig.get_figheight()
+    fig.text(0.5, 1 - 0.08 / height, title, ha="center", va="top", fontsize=12)
+    fig.text(0.5, 1 - 0.34 / height, machine_line(machine), ha="center", va="top", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.52 / height))
     path = Path(out_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     log.info("wrote %s", path)
     return path
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    kw.setdefault("file", sys.stderr)
-    kw.setdefault("dynamic_ncols", True)
-    kw.setdefault("mininterval", 1.0)
-    return tqdm(iterable, **kw)
+    """A bar on a terminal, log lines elsewhere (kvserve.progress)."""
+    from kvserve.progress import progress as _progress
+    return _progress(iterable, **kw)
 
 
 class Timer:

@@ -28,11 +28,11 @@ log = logging.getLogger("kvserve.bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     g = p.add_argument_group("workload")
-    g.add_argument("--context", type=int, default=512, help="prompt tokens before decoding starts")
-    g.add_argument("--steps", type=int, default=128, help="decode steps timed")
-    g.add_argument("--copy-mib", type=int, default=None,
-                   help="buffer copied to measure bandwidth (default 1024 MiB on CUDA, 256 MiB on CPU)")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--context", type=int, default=512, metavar="N", help="prompt tokens before decoding")
+    g.add_argument("--steps", type=int, default=128, metavar="N", help="decode steps timed")
+    g.add_argument("--copy-mib", type=int, default=None, metavar="MIB",
+                   help="bandwidth probe buffer (default: 1024 on CUDA, 256 on CPU)")
+    g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block")
     g.add_argument("--enforce-eager", action="store_true", help="kvserve without CUDA graphs")
     g.add_argument("--no-generate", action="store_true", help="skip transformers' generate() for scale")
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     assert len(out.token_ids) == args.steps + 1, out.finish_reason
     step = statistics.median(durations)
     # the KV read grows over the run; the middle step reads about the average
-    need = bytes_per_step(runner.model, runner.hf_config, args.context + args.steps // 2, args.block_size)
+    need = bytes_per_step(runner.model, runner.model.config, args.context + args.steps // 2, args.block_size)
     floor = need["total"] / bandwidth
     graphs = runner.graphs is not None and bool(runner.graphs.graphs)
     del llm, runner

@@ -29,13 +29,16 @@ class Sample:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p, shape="tiny")
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--prompt-len", type=parse_range, default=(32, 512))
-    p.add_argument("--output-len", type=parse_range, default=(16, 256))
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=2048)
-    p.add_argument("--budget-tokens", type=int, default=8192,
-                   help="fixed KV budget (tokens) for the sequences-that-fit comparison")
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
+    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
+                   help="prompt tokens, uniform in [LO, HI]")
+    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
+                   help="output tokens, uniform in [LO, HI]")
+    g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block")
+    g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N", help="tokens per engine step")
+    g.add_argument("--budget-tokens", type=int, default=8192, metavar="N",
+                   help="KV budget of the sequences-that-fit run, tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,30 +147,49 @@ def _report(args, machine, reqs, max_len: int, runs: dict) -> None:
                            for k, v in runs.items()},
                "sample_fields": list(Sample.__slots__)}
     common.write_json(args.out_dir, NAME, payload)
-    _plot(args, machine, runs, max_len, peak, fit_req, fit_max)
+    plot(payload, args.out_dir)
 
 
-def _plot(args, machine, runs, max_len, peak, fit_req, fit_max) -> None:
-    fig, (ax, ax2) = common.new_figure(2)
-    full = [s for s in runs["full pool"]["samples"] if s.running]
-    xs = [s.step for s in full]
-    ax.plot(xs, [100 * ratio(s.kv_tokens, s.paged_slots) for s in full], label="paged (kvserve)")
-    ax.plot(xs, [100 * ratio(s.kv_tokens, s.request_slots) for s in full], label="contiguous, prompt+max_tokens")
-    ax.plot(xs, [100 * ratio(s.kv_tokens, s.max_len_slots) for s in full], label=f"contiguous, {max_len} per seq")
-    ax.axhline(100 * GOAL, color="tab:red", lw=0.8, ls=":", label=f"goal {GOAL:.0%}")
-    ax.set_xlabel("engine step")
-    ax.set_ylabel("KV slots holding real tokens, %")
-    ax.set_ylim(0, 105)
-    ax.set_title("KV occupancy over time")
+def plot(payload: dict, out_dir) -> object:
+    """KV occupancy per step for each layout (left) and the sequences one budget holds (right)."""
+    fig, (ax, ax2) = common.new_figure(2, width=6.0, height=4.8)
+    fields = payload["sample_fields"]
+    full = [dict(zip(fields, row)) for row in payload["samples"]["full pool"]]
+    full = [s for s in full if s["running"]]
+    max_len, cap = payload["workload"]["max_len"], payload["capacity"]
+    xs = [s["step"] for s in full]
     twin = ax.twinx()
-    twin.plot(xs, [s.running for s in full], color="0.7", lw=0.8, label="running sequences")
-    twin.set_ylabel("running sequences", color="0.5")
-    ax.legend(fontsize=7, loc="lower left")
-    names = ["paged\n(measured)", "contiguous\nprompt+max", f"contiguous\n{max_len}"]
-    bars = ax2.bar(names, [peak, fit_req, fit_max], color=["tab:green", "tab:gray", "tab:gray"])
+    twin.fill_between(xs, [s["running"] for s in full], color="0.85", step="mid", label="running sequences")
+    twin.set_ylabel("running sequences (grey area)", color="0.4")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    series = (("paged_slots", "paged (kvserve)", dict(color="tab:green", lw=2.0)),
+              ("request_slots", "contiguous, prompt + max_tokens", dict(color="tab:blue", ls="--", lw=1.5)),
+              ("max_len_slots", f"contiguous, {max_len} tokens each", dict(color="tab:gray", ls=":", lw=1.8)))
+    for key, label, style in series:
+        ax.plot(xs, [100 * ratio(s["kv_tokens"], s[key]) for s in full], label=label, **style)
+    goal = payload["goal"]
+    ax.axhline(100 * goal, color="tab:red", lw=0.8, ls="-.", label=f"goal {goal:.0%}")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("allocated KV slots holding tokens, %")
+    ax.set_ylim(0, 105)
+    ax.set_title("KV occupancy at each step (higher is better)", fontsize=10)
+    handles = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="lower center")
+    names = ["paged\n(kvserve, measured)", "contiguous\nprompt + max_tokens", f"contiguous\n{max_len} each"]
+    values = [cap["paged_peak_running"], cap["contiguous_request_len"], cap["contiguous_max_len"]]
+    bars = ax2.bar(names, values, color=["tab:green", "tab:blue", "tab:gray"], hatch=["", "//", ".."],
+                   edgecolor="white", label=["paged", "contiguous, prompt + max_tokens", "contiguous, max length"])
     for b in bars:
-        ax2.annotate(f"{b.get_height():.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                     va="bottom")
+        ax2.annotate(f"{b.get_height():.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), xytext=(0, 3),
+                     textcoords="offset points", ha="center", va="bottom")
+    ax2.set_xlabel("KV layout")
     ax2.set_ylabel("sequences held at once")
-    ax2.set_title(f"Sequences in a {args.budget_tokens}-token KV budget")
-    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
+    ax2.set_title(f"Sequences in one {cap['budget_tokens']:,}-token KV budget", fontsize=10)
+    ax2.margins(y=0.15)
+    ax2.legend(fontsize=8)
+    w = payload["workload"]
+    title = (f"KV memory, paged vs contiguous: {w['num_requests']} requests, prompts "
+             f"{w['prompt_len'][0]}-{w['prompt_len'][1]}, outputs {w['output_len'][0]}-{w['output_len'][1]} tokens")
+    return common.save_figure(fig, out_dir, NAME, title, payload["machine"])

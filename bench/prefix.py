@@ -21,13 +21,14 @@ log = logging.getLogger("kvserve.bench")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
-    p.add_argument("--histories", type=int_list, default=[256, 512, 1024, 2000, 4096],
-                   help="turn-1 prompt lengths in tokens")
-    p.add_argument("--turns", type=int, default=3, help="turns per conversation")
-    p.add_argument("--answer-len", type=int, default=32, help="assistant tokens appended after each turn")
-    p.add_argument("--user-len", type=int, default=32, help="new user tokens in each later turn")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="kvserve max_num_batched_tokens")
-    p.add_argument("--repeats", type=int, default=1, help="conversations per history length; median reported")
+    g = p.add_argument_group("workload")
+    g.add_argument("--histories", type=int_list, default=[256, 512, 1024, 2000, 4096], metavar="LIST",
+                   help="turn-1 prompt tokens, comma separated")
+    g.add_argument("--turns", type=int, default=3, metavar="N", help="turns per conversation")
+    g.add_argument("--answer-len", type=int, default=32, metavar="N", help="answer tokens appended per turn")
+    g.add_argument("--user-len", type=int, default=32, metavar="N", help="user tokens added in each later turn")
+    g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N", help="tokens per engine step")
+    g.add_argument("--repeats", type=int, default=1, metavar="N", help="conversations per history (median)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,26 +130,47 @@ def _report(args, machine, results: dict) -> None:
                                   "wall time of LLM.generate when metrics are missing",
                "results": {k: {str(h): v for h, v in r.items()} for k, r in results.items()}, "goal": goal}
     common.write_json(args.out_dir, NAME, payload)
-    fig, (ax1, ax2) = common.new_figure(2)
-    hs = args.histories
-    ax1.plot(hs, [results["on"][h]["ttft_s"][0] for h in hs], marker="o", label="turn 1 (cold)")
-    for t in range(1, args.turns):
-        ax1.plot(hs, [results["on"][h]["ttft_s"][t] for h in hs], marker="o", label=f"turn {t + 1}, caching on")
-        ax1.plot(hs, [results["off"][h]["ttft_s"][t] for h in hs], marker="x", ls="--",
+    plot(payload, args.out_dir)
+
+
+def plot(payload: dict, out_dir) -> object:
+    """TTFT per turn against history length, caching on and off (left); turn 2 as a share of turn 1 (right)."""
+    fig, (ax1, ax2) = common.new_figure(2, width=6.0, height=4.8)
+    res, cfg = payload["results"], payload["config"]
+    hs = [int(h) for h in res["on"]]
+
+    def ttft(label: str, turn: int) -> list[float]:
+        return [res[label][str(h)]["ttft_s"][turn] for h in hs]
+
+    ax1.plot(hs, ttft("on", 0), color="black", marker="o", lw=2, label="turn 1 (nothing cached)")
+    greens, oranges = ("tab:green", "darkgreen", "olive"), ("tab:orange", "tab:red", "tab:brown")
+    for t in range(1, cfg["turns"]):
+        ax1.plot(hs, ttft("off", t), color=oranges[(t - 1) % 3], marker="x", ls="--", ms=7,
                  label=f"turn {t + 1}, caching off")
+        ax1.plot(hs, ttft("on", t), color=greens[(t - 1) % 3], marker="os^"[(t - 1) % 3], ls="-",
+                 mfc="none", ms=6 + 2 * (t - 1), label=f"turn {t + 1}, caching on")
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xticks(hs, [f"{h:,}" for h in hs])
     ax1.set_xlabel("history tokens (turn-1 prompt)")
-    ax1.set_ylabel("TTFT, s")
-    ax1.set_title("TTFT per turn")
-    ax1.legend(fontsize=7)
-    ax1.grid(alpha=0.3)
-    ax2.plot(hs, [100 * ratio(results["on"][h]["ttft_s"][1], results["on"][h]["ttft_s"][0]) for h in hs],
-             marker="o", label="caching on")
-    ax2.plot(hs, [100 * ratio(results["off"][h]["ttft_s"][1], results["off"][h]["ttft_s"][0]) for h in hs],
-             marker="x", ls="--", label="caching off")
-    ax2.axhline(100 * GOAL, color="tab:red", lw=0.8, label=f"goal {GOAL:.0%}")
-    ax2.set_xlabel("history tokens")
-    ax2.set_ylabel("turn-2 TTFT / turn-1 TTFT, %")
-    ax2.set_title("Turn-2 TTFT relative to turn 1")
-    ax2.legend(fontsize=7)
+    ax1.set_ylabel("time to first token, s (log scale)")
+    ax1.set_title("TTFT per turn (lower is better)", fontsize=10)
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3, which="both")
+    for label, style in (("on", dict(color="tab:green", marker="o", ls="-")),
+                         ("off", dict(color="tab:orange", marker="x", ls="--", ms=7))):
+        ax2.plot(hs, [100 * ratio(b, a) for a, b in zip(ttft(label, 0), ttft(label, 1))],
+                 label=f"caching {label}", **style)
+    goal = (payload.get("goal") or {}).get("goal", GOAL)
+    ax2.axhline(100 * goal, color="tab:red", lw=0.8, ls="-.", label=f"goal <= {goal:.0%} at {GOAL_HISTORY:,} tokens")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(hs, [f"{h:,}" for h in hs])
+    ax2.set_ylim(bottom=0)
+    ax2.set_xlabel("history tokens (turn-1 prompt)")
+    ax2.set_ylabel("turn-2 TTFT as % of turn-1 TTFT")
+    ax2.set_title("Turn 2 relative to turn 1 (lower is better)", fontsize=10)
+    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
+    title = (f"Multi-turn chat, prefix caching on vs off: each turn adds {cfg['answer_len']} + {cfg['user_len']} "
+             f"tokens ({payload['model']['shape']}, {payload['model']['dtype']})")
+    return common.save_figure(fig, out_dir, NAME, title, payload["machine"])

@@ -28,37 +28,42 @@ log = logging.getLogger("kvserve.bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     g = p.add_argument_group("target")
-    g.add_argument("--launch", choices=["kvserve", "transformers", "both"], default=None,
-                   help="start the server(s) on loopback with the same model (default: both, unless --url)")
-    g.add_argument("--url", default=None, help="an already running server on loopback, e.g. http://127.0.0.1:8000")
-    g.add_argument("--api", choices=["openai", "tgi"], default="openai",
-                   help="openai: POST /v1/completions; tgi: POST /generate_stream (transformers serve: openai only)")
-    g.add_argument("--served-model", default=None, help="`model` field for OpenAI requests (default: the model "
-                                                       "path when launching, else the first of GET /v1/models)")
-    g.add_argument("--ignore-eos", choices=["auto", "yes", "no"], default="auto",
-                   help="send vLLM's ignore_eos extension (auto: to kvserve only; transformers serve rejects it)")
-    g.add_argument("--kvserve-args", default="", help="extra flags for `kvserve serve`")
-    g.add_argument("--transformers-args", default="", help="extra flags for `transformers serve`")
-    g.add_argument("--startup-timeout", type=float, default=600.0)
+    g.add_argument("--launch", choices=["kvserve", "transformers", "both"], default=None, metavar="WHICH",
+                   help="start kvserve, transformers or both (default: both, unless --url)")
+    g.add_argument("--url", default=None, help="load a running server on loopback instead, e.g. http://127.0.0.1:8000")
+    g.add_argument("--api", choices=["openai", "tgi"], default="openai", metavar="API",
+                   help="openai (/v1/completions) or tgi (/generate_stream)")
+    g.add_argument("--served-model", default=None, metavar="NAME",
+                   help="OpenAI `model` field (default: the model path, or GET /v1/models)")
+    g.add_argument("--ignore-eos", choices=["auto", "yes", "no"], default="auto", metavar="WHEN",
+                   help="send ignore_eos: yes, no, or auto (default: to kvserve only)")
+    g.add_argument("--kvserve-args", default="", metavar="ARGS", help="extra flags for `kvserve serve`")
+    g.add_argument("--transformers-args", default="", metavar="ARGS", help="extra flags for `transformers serve`")
+    g.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for /health")
     g = p.add_argument_group("load")
-    g.add_argument("--rates", type=float_list, default=[0.5, 1.0, 2.0, 4.0, 8.0],
-                   help="Poisson request rates per second, comma separated (inf = all at once)")
-    g.add_argument("--concurrency", type=int_list, default=None,
-                   help="fixed concurrency levels instead of rates, comma separated")
-    g.add_argument("--num-requests", type=int, default=16, help="requests per load point")
-    g.add_argument("--prompt-len", type=parse_range, default=(64, 256), help="prompt characters (= tokens), lo:hi")
-    g.add_argument("--output-len", type=parse_range, default=(32, 128), help="output tokens, lo:hi")
-    g.add_argument("--ttft-slo", type=float, default=None,
-                   help="p99 TTFT bound (s) for the sustained-rate comparison (default: 3x the lower of the two "
-                        "servers' p99 TTFT at the lightest load, at least 1 s)")
-    g.add_argument("--request-timeout", type=float, default=600.0)
+    g.add_argument("--rates", type=float_list, default=[0.5, 1.0, 2.0, 4.0, 8.0], metavar="LIST",
+                   help="Poisson rates, req/s (inf = all at once)")
+    g.add_argument("--concurrency", type=int_list, default=None, metavar="LIST",
+                   help="fixed concurrency levels instead of --rates")
+    g.add_argument("--num-requests", type=int, default=16, metavar="N", help="requests per load point")
+    g.add_argument("--prompt-len", type=parse_range, default=(64, 256), metavar="LO:HI",
+                   help="prompt characters (= tokens), uniform in [LO, HI]")
+    g.add_argument("--output-len", type=parse_range, default=(32, 128), metavar="LO:HI",
+                   help="output tokens, uniform in [LO, HI]")
+    g.add_argument("--ttft-slo", type=float, default=None, metavar="S",
+                   help="p99 TTFT bound (default: 3x the lower lightest-load p99, >= 1 s)")
+    g.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds per request")
     g = p.add_argument_group("server sizing (same for both launched servers)")
-    g.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks of 16 tokens")
-    g.add_argument("--max-batch-tokens", type=int, default=2048)
-    g.add_argument("--hf-page-size", type=int, default=256, help="transformers serve --cb-block-size")
+    g.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="KV blocks of 16 tokens")
+    g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N", help="tokens per engine step")
+    g.add_argument("--hf-page-size", type=int, default=256, metavar="N", help="transformers serve --cb-block-size")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise SystemExit("`kvserve bench serve` needs httpx: pip install httpx") from None
     common.prepare(args, NAME)
     if args.url and args.launch:
         raise SystemExit("give either --url or --launch, not both")
@@ -135,13 +140,12 @@ class Server:
     def command(self) -> list[str]:
         a = self.args
         if self.system == "kvserve":
-            cmd = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())", "serve",
-                   "--model", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
+            cmd = [sys.executable, "-m", "kvserve", "serve", "--model", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
                    "--device", a.device, "--dtype", a.dtype, "--num-kv-blocks", str(a.kv_blocks),
                    "--max-num-batched-tokens", str(a.max_batch_tokens)]
             return cmd + shlex.split(a.kvserve_args)
         hf_blocks = math.ceil(a.kv_blocks * 16 / a.hf_page_size) + 64
-        cmd = ["transformers", "serve", str(self.path), "--continuous-batching", "--host", "127.0.0.1",
+        cmd = [_transformers_cli(), "serve", str(self.path), "--continuous-batching", "--host", "127.0.0.1",
                "--port", str(self.port), "--device", a.device, "--dtype", a.dtype, "--cb-block-size",
                str(a.hf_page_size), "--cb-num-blocks", str(hf_blocks), "--cb-max-batch-tokens",
                str(a.max_batch_tokens), "--log-level", "warning"]
@@ -152,8 +156,7 @@ class Server:
         log.info("starting %s: %s (log %s)", self.system, shlex.join(cmd), self.log_path)
         env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=common.REPO_ROOT,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self._wait_healthy()
         except BaseException:
@@ -186,6 +189,12 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+def _transformers_cli() -> str:
+    """The `transformers` command of this Python's environment, else the one on PATH."""
+    beside = Path(sys.executable).with_name("transformers")
+    return str(beside) if beside.exists() else "transformers"
 
 
 def _sustained(points: list[dict], slo: float) -> float:
@@ -229,27 +238,52 @@ def _report(args, machine, reqs, loads, results: dict[str, list[dict]]) -> None:
                                "itl": "gap between successive streamed chunks carrying text"},
                "results": results, "comparison": comparison}
     common.write_json(args.out_dir, NAME, payload)
-    _plot(args, machine, kind, results)
+    plot(payload, args.out_dir)
 
 
-def _plot(args, machine, kind: str, results: dict[str, list[dict]]) -> None:
-    fig, (ax1, ax2, ax3) = common.new_figure(3, width=5.0)
-    for system, points in results.items():
+COLORS = {"kvserve": "tab:green", "transformers": "tab:orange"}
+NAMES = {"transformers": "transformers serve"}
+
+
+def plot(payload: dict, out_dir) -> object:
+    """Per server against the load: TTFT (p50, p99), TPOT p50 / ITL p99, and completed requests/s."""
+    fig, (ax1, ax2, ax3) = common.new_figure(3, width=5.0, height=4.8)
+    cfg, results = payload["config"], payload["results"]
+    kind = cfg["loads"][0][0]
+    for i, (system, points) in enumerate(results.items()):
         xs = [p["value"] for p in points]
-        line, = ax1.plot(xs, [p["ttft_s"]["p99"] for p in points], marker="o", label=f"{system} p99")
-        ax1.plot(xs, [p["ttft_s"]["p50"] for p in points], marker=".", ls="--", color=line.get_color(),
-                 label=f"{system} p50")
-        ax2.plot(xs, [p["tpot_s"]["p99"] * 1e3 for p in points], marker="o", color=line.get_color(),
-                 label=f"{system} p99")
-        ax2.plot(xs, [p["itl_s"]["p50"] * 1e3 for p in points], marker=".", ls="--", color=line.get_color(),
-                 label=f"{system} ITL p50")
-        ax3.plot(xs, [p["output_tokens_per_s"] for p in points], marker="o", color=line.get_color(), label=system)
-    xl = "offered request rate (req/s)" if kind == "rate" else "concurrent requests"
-    for ax, yl, title in ((ax1, "TTFT, s", "Time to first token"), (ax2, "ms", "TPOT p99 / ITL p50"),
-                          (ax3, "output tokens / s", "Throughput")):
+        color, name = COLORS.get(system, f"C{i + 2}"), NAMES.get(system, system)
+        marker = "os^D"[i % 4]
+        ax1.plot(xs, [p["ttft_s"]["p99"] for p in points], color=color, marker=marker, label=f"{name} p99")
+        ax1.plot(xs, [p["ttft_s"]["p50"] for p in points], color=color, marker=marker, mfc="none", ls="--",
+                 label=f"{name} p50")
+        ax2.plot(xs, [p["tpot_s"]["p50"] * 1e3 for p in points], color=color, marker=marker,
+                 label=f"{name} TPOT p50")
+        ax2.plot(xs, [p["itl_s"]["p99"] * 1e3 for p in points], color=color, marker=marker, mfc="none", ls="--",
+                 label=f"{name} ITL p99")
+        ax3.plot(xs, [p["request_throughput"] for p in points], color=color, marker=marker, label=name)
+    xs = [v for _, v in cfg["loads"]]
+    if kind == "rate":
+        finite = [x for x in xs if x != float("inf")]
+        ax3.plot(finite, finite, color="0.5", lw=0.8, ls=":", label="offered rate (all served)")
+    slo = (payload.get("comparison") or {}).get("ttft_p99_slo_s")
+    if slo:
+        ax1.axhline(slo, color="tab:red", lw=0.8, ls="-.", label=f"p99 bound {slo:.2f} s")
+    xl = "offered request rate, req/s (Poisson)" if kind == "rate" else "concurrent requests"
+    panels = ((ax1, "time to first token, s", "TTFT (lower is better)"),
+              (ax2, "ms per token", "TPOT p50 and ITL p99 (lower is better)"),
+              (ax3, "completed requests per second", "Throughput (higher is better)"))
+    for ax, yl, title in panels:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
+        ax.legend(fontsize=7.5)
+    model = payload["model"]
+    title = (f"Online serving, streaming {cfg['api']} API: {cfg['num_requests']} requests per point, prompts "
+             f"{cfg['prompt_len'][0]}-{cfg['prompt_len'][1]}, outputs {cfg['output_len'][0]}-{cfg['output_len'][1]} "
+             f"tokens ({model['shape']}, {model['dtype']})")
+    return common.save_figure(fig, out_dir, NAME, title, payload["machine"])

@@ -21,26 +21,26 @@ log = logging.getLogger("kvserve.bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=64)
-    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), help="uniform range lo:hi")
-    g.add_argument("--output-len", type=parse_range, default=(16, 256), help="uniform range lo:hi")
-    g.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
+    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
+                   help="prompt tokens, uniform in [LO, HI]")
+    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
+                   help="output tokens, uniform in [LO, HI]")
+    g.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST", help="comma-separated systems")
     g = p.add_argument_group("systems")
-    g.add_argument("--batch-size", type=int, default=8, help="generate() static batch size")
-    g.add_argument("--max-batch-tokens", type=int, default=2048,
-                   help="tokens per step for kvserve (max_num_batched_tokens) and generate_batch (max_batch_tokens)")
-    g.add_argument("--block-size", type=int, default=16, help="kvserve KV block size")
-    g.add_argument("--kv-blocks", type=int, default=None,
-                   help="kvserve KV blocks (default: enough for the whole workload at once); generate_batch gets "
-                        "the same number of KV token slots")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="kvserve max_num_seqs")
-    g.add_argument("--hf-page-size", type=int, default=256, help="generate_batch page size (its default, 256)")
-    g.add_argument("--warmup", type=int, default=2, help="warm-up requests per system before timing")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="generate()'s static batch size")
+    g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
+                   help="tokens per step, kvserve and generate_batch")
+    g.add_argument("--block-size", type=int, default=16, metavar="N", help="kvserve's tokens per KV block")
+    g.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                   help="KV blocks, same slots for generate_batch (default: the whole workload)")
+    g.add_argument("--max-num-seqs", type=int, default=256, metavar="N", help="kvserve's max_num_seqs")
+    g.add_argument("--hf-page-size", type=int, default=256, metavar="N", help="generate_batch's page size")
+    g.add_argument("--warmup", type=int, default=2, metavar="N", help="warm-up requests per system")
     g = p.add_argument_group("profiling")
-    g.add_argument("--profile", action="store_true",
-                   help="also profile kvserve on a small slice and print where the step time goes")
-    g.add_argument("--profile-requests", type=int, default=16)
-    g.add_argument("--profile-tokens", type=int, default=32, help="max_tokens per request while profiling")
+    g.add_argument("--profile", action="store_true", help="also print where kvserve's step time goes")
+    g.add_argument("--profile-requests", type=int, default=16, metavar="N", help="requests profiled")
+    g.add_argument("--profile-tokens", type=int, default=32, metavar="N", help="max_tokens while profiling")
 
 
 def warmup_slice(requests: list[Request], n: int) -> list[Request]:
@@ -162,22 +162,41 @@ def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profi
         "results": {k: v.as_dict() for k, v in results.items()}, "ratios": ratios, "profile": profile,
     }
     common.write_json(args.out_dir, NAME, payload)
-    _plot(args, machine, results)
+    plot(payload, args.out_dir)
 
 
-def _plot(args, machine, results: dict[str, RunResult]) -> None:
-    fig, (ax,) = common.new_figure()
+BAR_LABELS = {"kvserve": "kvserve (paged KV, continuous batching)",
+              "generate_batch": "transformers generate_batch() (continuous batching)",
+              "generate": "transformers generate() (static batches)"}
+
+
+def plot(payload: dict, out_dir) -> object:
+    """Output tokens/s per system, each bar labelled with its value and kvserve's ratio over it."""
+    fig, (ax,) = common.new_figure(width=7.6, height=4.8)
+    results, w = payload["results"], payload["workload"]
     names = list(results)
-    tps = [results[n].output_tps for n in names]
-    bars = ax.bar(names, tps, color=["tab:green" if n == "kvserve" else "tab:gray" for n in names])
-    base = results.get("kvserve")
-    for bar, n in zip(bars, names):
-        label = f"{results[n].output_tps:.0f}"
+    base = results.get("kvserve", {}).get("output_tokens_per_s")
+    colors = {"kvserve": "tab:green", "generate_batch": "tab:blue", "generate": "tab:gray"}
+    for i, n in enumerate(names):
+        tps = results[n]["output_tokens_per_s"]
+        label = BAR_LABELS.get(n, n)
+        if n == "generate":
+            label = label.replace("static batches", f"static batches of {payload['config']['batch_size']}")
+        bar = ax.bar(i, tps, color=colors.get(n, "tab:orange"), hatch="" if n == "kvserve" else "//",
+                     edgecolor="white", label=label)[0]
+        text = f"{tps:.0f} tok/s"
         if base and n != "kvserve":
-            label += f"\nkvserve {ratio(base.output_tps, results[n].output_tps):.2f}x"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"Offline throughput, {args.num_requests} requests, {args.model_shape}")
-    ax.margins(y=0.2)
-    common.save_figure(fig, args.out_dir, NAME, common.machine_line(machine))
+            text += f"\nkvserve = {ratio(base, tps):.2f}x"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel("system")
+    ax.set_ylabel("output tokens per second (higher is better)")
+    ax.margins(y=0.25)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    model = payload["model"]
+    ax.set_title(f"{w['num_requests']} requests, prompts {w['prompt_len'][0]}-{w['prompt_len'][1]} tokens, outputs "
+                 f"{w['output_len'][0]}-{w['output_len'][1]}, greedy", fontsize=10)
+    title = f"Offline throughput: kvserve vs transformers ({model['shape']}, {model['dtype']})"
+    return common.save_figure(fig, out_dir, NAME, title, payload["machine"])

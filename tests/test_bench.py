@@ -1,0 +1,72 @@
+"""A benchmark run as a user runs it (outside the repository, stderr not a terminal), and the plain progress."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvserve.progress import LogProgress, progress
+
+pytest.importorskip("matplotlib")
+
+
+def test_memory_benchmark_end_to_end(tmp_path):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": "", "COLUMNS": "100"}
+    cmd = [sys.executable, "-m", "kvserve", "bench", "memory", "--model-shape", "tiny", "--num-requests", "8",
+           "--prompt-len", "16:64", "--output-len", "4:24", "--budget-tokens", "256", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = cwd / "bench-results" / "memory"
+    payload = json.loads((out / "memory.json").read_text())
+    assert payload["benchmark"] == "memory" and payload["occupancy"]
+    assert payload["machine"]["cpu_model"] and payload["machine"]["torch"]
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "\x1b" not in stream
+    assert "requests: 8/8 req (100%) done" in proc.stderr       # progress as log lines
+
+    replot = subprocess.run(cmd[:5] + ["--replot", str(out / "memory.json"), "--out-dir", str(cwd / "again")],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert (cwd / "again" / "memory.png").exists()
+
+
+def test_progress_off_a_terminal_logs_plain_lines(caplog):
+    stream = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="kvserve.progress"):
+        bar = progress(total=50, desc="requests", unit="req", stream=stream)
+        assert isinstance(bar, LogProgress)
+        for _ in range(50):
+            bar.update(1)
+        bar.close()
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert stream.getvalue() == ""
+    assert len(lines) == 10                        # at 10%, 20%, ... 90%, then once when done
+    assert lines[0].startswith("requests: 5/50 req (10%)")
+    assert lines[-1].startswith("requests: 50/50 req (100%) done")
+    assert not any("\r" in line or "\x1b" in line for line in lines)
+
+
+def test_progress_logs_every_interval_and_wraps_iterables(caplog):
+    now = [0.0]
+    with caplog.at_level(logging.INFO, logger="kvserve.progress"):
+        bar = LogProgress(total=1000, desc="slow", clock=lambda: now[0])
+        for _ in range(3):                         # far below 10%, but 10 s apart
+            now[0] += 10.0
+            bar.update(1)
+        items = list(LogProgress(range(4), desc="list"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines[:3]] == ["slow: 1/1000 it (0%)", "slow: 2/1000 it (0%)",
+                                                           "slow: 3/1000 it (0%)"]
+    assert items == [0, 1, 2, 3]
+    assert lines[-1].startswith("list: 4/4 it (100%) done")
