@@ -117,10 +117,6 @@ class KVCacheManager:
     def block_ids(self, seq_id: Hashable) -> list[int]:
         return [b.block_id for b in self.block_tables.get(seq_id, ())]
 
-    def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
-        """The pool slot of each position in [start, end) of the sequence."""
-        table, block_size = self.block_tables[seq_id], self.block_size
-        return [table[p // block_size].block_id * block_size + p % block_size for p in range(start, end)]
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
@@ -137,3 +133,10 @@ class KVCacheManager:
         return {"num_blocks": pool.num_blocks, "block_size": self.block_size, "blocks_used": pool.num_used,
                 "blocks_cached": pool.num_cached_free, "blocks_free": pool.num_free - pool.num_cached_free,
                 "prefix_query_tokens": self.prefix_query_tokens, "prefix_hit_tokens": self.prefix_hit_tokens}
+
+
+def slot_mapping(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """The pool slot of each position in [start, end) of a sequence with these blocks."""
+    if end - start == 1:
+        return [block_ids[start // block_size] * block_size + start % block_size]
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]

@@ -8,7 +8,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch.profiler import record_function
 
 from kvserve import isolation, kv_sizing, loader
@@ -157,13 +156,11 @@ class LLMEngine:
             return []
         outputs = []
         with record_function("kvserve::execute"):
-            logits_by_row, failed_rows = isolation.execute(self.runner, sched)
+            logits, rows, failed_rows = isolation.execute(self.runner, sched)
             for row, exc in failed_rows.items():
                 outputs.append(self._fail(sched.seqs[row], exc))
-            rows = [row for row in sched.sample_rows if row in logits_by_row]
             sampled = [sched.seqs[row] for row in rows]
-            results = isolation.sample(self.sampler, torch.stack([logits_by_row[row] for row in rows]),
-                                       sampled) if rows else []
+            results = isolation.sample(self.sampler, logits, sampled) if rows else []
         for seq, result in zip(sampled, results):
             if isinstance(result, Exception):
                 outputs.append(self._fail(seq, result))

@@ -29,11 +29,11 @@ def is_fatal(exc: BaseException) -> bool:
     return any(text in str(exc) for text in _FATAL_MESSAGES)
 
 
-def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[dict[int, torch.Tensor], dict[int, Exception]]:
-    """Run the step. Returns the logits of each sampling row that ran, and the rows that failed alone."""
+def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[int], dict[int, Exception]]:
+    """Run the step. Returns the logits of the sampling rows that ran, those rows (in step order), and
+    the rows that failed alone. Without a failure this is runner.execute() and nothing more."""
     try:
-        logits = runner.execute(step)
-        return {row: logits[i] for i, row in enumerate(step.sample_rows)}, {}
+        return runner.execute(step), step.sample_rows, {}
     except Exception as exc:
         if is_fatal(exc):
             raise
@@ -45,7 +45,8 @@ def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[dict[int, torch
     _bisect(runner, step, list(range(len(step.seqs))), copies, logits_by_row, failed)
     if len(failed) == len(step.seqs) > 1:
         raise next(iter(failed.values()))   # every row fails on its own: the engine is at fault
-    return logits_by_row, failed
+    rows = [row for row in step.sample_rows if row in logits_by_row]
+    return (torch.stack([logits_by_row[row] for row in rows]) if rows else None), rows, failed
 
 
 def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], copies: list,

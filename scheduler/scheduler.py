@@ -5,7 +5,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.cache.kv_cache_manager import KVCacheManager
+from kvserve.cache.kv_cache_manager import KVCacheManager, slot_mapping
 from kvserve.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -118,19 +118,23 @@ class Scheduler:
     def _output(self, scheduled: dict[Sequence, int]) -> SchedulerOutput:
         """Lay the step out for the runner: decodes first, then per-row and per-token lists."""
         out = SchedulerOutput(block_copies=self.kv.take_pending_copies())
-        rows = sorted(scheduled.items(), key=lambda item: not item[0].is_decoding)
-        for row, (seq, n) in enumerate(rows):
+        decodes = [seq for seq in scheduled if seq.is_decoding]
+        out.num_decodes = len(decodes)
+        rows = decodes + [seq for seq in scheduled if not seq.is_decoding] if decodes else list(scheduled)
+        block_size = self.kv.block_size
+        for row, seq in enumerate(rows):
+            n = scheduled[seq]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            block_ids = self.kv.block_ids(seq.request_id)
             out.seqs.append(seq)
             out.num_tokens.append(n)
             out.context_lens.append(end)
-            out.block_tables.append(self.kv.block_ids(seq.request_id))
-            out.num_decodes += seq.is_decoding
-            if end == len(seq):
+            out.block_tables.append(block_ids)
+            if end == len(seq.token_ids):
                 out.sample_rows.append(row)
             out.input_ids.extend(seq.token_ids[start:end])
             out.positions.extend(range(start, end))
-            out.slot_mapping.extend(self.kv.slot_mapping(seq.request_id, start, end))
+            out.slot_mapping.extend(slot_mapping(block_ids, block_size, start, end))
         return out
 
     def _preempt(self, seq: Sequence) -> None:

@@ -66,7 +66,8 @@ class Sequence:
         attention backends run them as single-token decodes, and the engine counts them as
         generation rather than prefill work.
         """
-        return self.num_computed_tokens == len(self.token_ids) - 1 and self.num_output_tokens > 0
+        num_tokens = len(self.token_ids)
+        return self.num_computed_tokens == num_tokens - 1 and num_tokens > self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
