@@ -7,7 +7,14 @@ import torch and transformers) load on first use.
 from kvserve.config import EngineConfig
 from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, KVServeError, PromptTooLongError
 from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
-from kvserve.scheduler.sampling_params import SamplingParams
+try:
+    from kvserve.scheduler.sampling_params import SamplingParams
+except ModuleNotFoundError as exc:   # the repository's bare kvserve/ folder shadows the installed package
+    if exc.name != "kvserve.scheduler":
+        raise
+    raise ImportError(f"kvserve was imported from its source folder {__path__[0]}, which holds only part of the "
+                      "package (server/, cache/, scheduler/ and bench/ install as its subpackages): run from "
+                      "another directory, or install it editable with `pip install -e .`") from exc
 
 __version__ = "0.1.0"
 __all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats",
