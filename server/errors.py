@@ -13,21 +13,24 @@ from kvserve import EngineDeadError, EngineOverloadedError, InvalidRequestError
 
 logger = logging.getLogger("kvserve.server")
 
-Kind = Literal["validation", "not_found", "overloaded", "unavailable", "generation", "internal"]
+Kind = Literal["validation", "unauthorized", "not_found", "too_large", "overloaded", "unavailable", "generation",
+               "internal"]
 Family = Literal["tgi", "openai"]
 
-TGI_STATUS: dict[str, int] = {"validation": 422, "not_found": 404, "overloaded": 429, "unavailable": 503,
-                              "generation": 424, "internal": 500}
-OPENAI_STATUS: dict[str, int] = {"validation": 400, "not_found": 404, "overloaded": 429, "unavailable": 503,
-                                 "generation": 500, "internal": 500}
-OPENAI_TYPE: dict[str, str] = {"validation": "invalid_request_error", "not_found": "not_found_error",
+TGI_STATUS: dict[str, int] = {"validation": 422, "unauthorized": 401, "not_found": 404, "too_large": 413,
+                              "overloaded": 429, "unavailable": 503, "generation": 424, "internal": 500}
+OPENAI_STATUS: dict[str, int] = {"validation": 400, "unauthorized": 401, "not_found": 404, "too_large": 413,
+                                 "overloaded": 429, "unavailable": 503, "generation": 500, "internal": 500}
+OPENAI_TYPE: dict[str, str] = {"validation": "invalid_request_error", "unauthorized": "invalid_request_error",
+                               "not_found": "not_found_error", "too_large": "invalid_request_error",
                                "overloaded": "rate_limit_error", "unavailable": "service_unavailable_error",
                                "generation": "server_error", "internal": "server_error"}
-TGI_TYPE: dict[str, str] = {"validation": "validation", "not_found": "not_found", "overloaded": "overloaded",
+TGI_TYPE: dict[str, str] = {"validation": "validation", "unauthorized": "unauthorized", "not_found": "not_found",
+                            "too_large": "payload_too_large", "overloaded": "overloaded",
                             "unavailable": "unavailable", "generation": "generation",
                             "internal": "incomplete_generation"}
-FAILURE_REASON: dict[str, str | None] = {"validation": "validation", "not_found": "validation",
-                                         "overloaded": "overloaded", "unavailable": None,
+FAILURE_REASON: dict[str, str | None] = {"validation": "validation", "unauthorized": None, "not_found": "validation",
+                                         "too_large": "validation", "overloaded": "overloaded", "unavailable": None,
                                          "generation": "engine_error", "internal": "engine_error"}
 
 
