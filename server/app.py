@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import kvserve
 from kvserve.server import routes_openai, routes_tgi
+from kvserve.server.edge import APIKeyMiddleware, BodySizeMiddleware
 from kvserve.server.errors import install_error_handlers
 from kvserve.server.serving import ServerSettings, ServerState
 
@@ -145,6 +146,9 @@ def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvse
     app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error),
                   description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")
     app.state.kvserve = state
+    app.add_middleware(BodySizeMiddleware, limit=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: no key, no body read
     install_error_handlers(app)
     add_system_routes(app, state)
     app.include_router(routes_tgi.router)
