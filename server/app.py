@@ -35,8 +35,12 @@ def is_demo(engine: AsyncEngine) -> bool:
     return bool(getattr(getattr(engine, "model_config", None), "kvserve_demo", False))
 
 
-def start_engine(state: ServerState, engine: AsyncEngine) -> None:
-    """Start the engine thread (on the event loop's thread) and publish it to the routes."""
+def start_engine(state: ServerState, engine: AsyncEngine,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
+    """Start the engine thread (on the event loop's thread) and publish it to the routes. `on_death`
+    runs (on the engine thread) if the engine dies, after every request in flight was failed."""
+    if on_death is not None:
+        engine.add_death_listener(on_death)
     engine.start()
     state.set_engine(engine)
     if state.metrics is not None:
@@ -48,7 +52,8 @@ def start_engine(state: ServerState, engine: AsyncEngine) -> None:
 
 
 async def load_engine(state: ServerState, loader: Callable[[], AsyncEngine],
-                      on_error: Callable[[BaseException], None] | None) -> None:
+                      on_error: Callable[[BaseException], None] | None,
+                      on_death: Callable[[BaseException], None] | None) -> None:
     """Build the engine in a worker thread, logging progress, then start it."""
     began = time.monotonic()
     future = asyncio.ensure_future(asyncio.to_thread(loader))
@@ -60,7 +65,7 @@ async def load_engine(state: ServerState, loader: Callable[[], AsyncEngine],
     try:
         engine = future.result()
         logger.info("model loaded in %.1f s", time.monotonic() - began)
-        start_engine(state, engine)
+        start_engine(state, engine, on_death)
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
         logger.exception("loading the model failed")
@@ -69,14 +74,15 @@ async def load_engine(state: ServerState, loader: Callable[[], AsyncEngine],
 
 
 def make_lifespan(state: ServerState, engine: AsyncEngine | None, loader: Callable[[], AsyncEngine] | None,
-                  on_load_error: Callable[[BaseException], None] | None):
+                  on_load_error: Callable[[BaseException], None] | None,
+                  on_engine_death: Callable[[BaseException], None] | None):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
         if engine is not None:
-            start_engine(state, engine)
+            start_engine(state, engine, on_engine_death)
         elif loader is not None:
-            task = asyncio.create_task(load_engine(state, loader, on_load_error))
+            task = asyncio.create_task(load_engine(state, loader, on_load_error, on_engine_death))
         yield
         if task is not None and not task.done():
             task.cancel()
@@ -135,15 +141,18 @@ def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvse
                loader: Callable[[], AsyncEngine] | None = None,
                keepalive_interval: float = 5.0, info_extra: dict | None = None,
                on_load_error: Callable[[BaseException], None] | None = None,
+               on_engine_death: Callable[[BaseException], None] | None = None,
                settings: ServerSettings | None = None) -> FastAPI:
     """Build the app around an AsyncEngine that is not started yet (started at app startup, shut down
     at app shutdown), or around `loader`, which builds one in a worker thread while /health says 503.
-    `settings` (names, API key, body limit, template trust) default to served_model_name alone."""
+    `settings` (names, API key, body limit, template trust) default to served_model_name alone.
+    on_load_error / on_engine_death: what the process does when the engine cannot serve (the CLI exits
+    non-zero so a supervisor restarts it)."""
     settings = settings or ServerSettings(served_model_names=(served_model_name,))
     state = ServerState(served_model_name=settings.served_model_names[0], settings=settings,
                         keepalive_interval=keepalive_interval,
                         info={"started": int(time.time()), **(info_extra or {})})
-    app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error),
+    app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error, on_engine_death),
                   description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")
     app.state.kvserve = state
     app.add_middleware(BodySizeMiddleware, limit=settings.max_request_bytes)
