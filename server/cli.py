@@ -30,19 +30,24 @@ TRUE = {"1", "true", "yes", "on"}
 
 @dataclass(frozen=True)
 class Subcommand:
-    """A subcommand implemented elsewhere: `module.main(argv) -> int | None`, imported only when run."""
+    """A subcommand implemented elsewhere: `module.main(argv) -> int | None`, imported only when run.
+    `needs` are the modules its extra (`pip install 'kvserve[extra]'`) installs."""
     module: str
     help: str
+    extra: str | None = None
+    needs: tuple[str, ...] = ()
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "bench": Subcommand("kvserve.bench.cli", "benchmark a running kvserve server (needs bench/cli.py)"),
+    "bench": Subcommand("kvserve.bench.cli", "run a benchmark: throughput, cache-speedup, memory, prefix, serve, "
+                        "decode-floor (needs the bench extra)", extra="bench", needs=("matplotlib", "httpx")),
 }
 
 
-def register_subcommand(name: str, module: str, help: str) -> None:
+def register_subcommand(name: str, module: str, help: str, extra: str | None = None,
+                        needs: tuple[str, ...] = ()) -> None:
     """Add `kvserve <name> ...`, which calls `<module>.main(argv)` with the remaining arguments."""
-    SUBCOMMANDS[name] = Subcommand(module, help)
+    SUBCOMMANDS[name] = Subcommand(module, help, extra, needs)
 
 
 def env_name(flag: str) -> str:
@@ -50,58 +55,68 @@ def env_name(flag: str) -> str:
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, type: Callable[[str], Any] = str,
-             default: Any = None, **kwargs: Any) -> None:
-    """A flag whose default comes from KVSERVE_<FLAG> when set; --help names the variable."""
+             default: Any = None, unset: str | None = None, **kwargs: Any) -> None:
+    """A flag whose default comes from KVSERVE_<FLAG> when set. --help names the variable and the default,
+    once: the value, or `unset` (what a default of None means)."""
     env = env_name(flag)
     if env in os.environ:
         default = type(os.environ[env])
-    shown = "" if default is None else f"; default: {default}"
-    parser.add_argument(flag, type=type, default=default, help=f"{help} [env: {env}{shown}]", **kwargs)
+    shown = unset if default is None else f"{default:g}" if isinstance(default, float) else default
+    assert "default" not in help.lower(), f"{flag}: the default is shown from `default` or `unset`"
+    parser.add_argument(flag, type=type, default=default, help=f"{help} [env: {env}; default: {shown}]", **kwargs)
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     env = env_name(flag)
     default = os.environ.get(env, "").strip().lower() in TRUE
-    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {env}=1]")
+    parser.add_argument(flag, action="store_true", default=default,
+                        help=f"{help} [env: {env}=1; default: {'on' if default else 'off'}]")
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    add_flag(p, "--model", "local folder or Hugging Face hub id; default: the built-in demo model "
-             "(random weights, created offline on first use)")
+    add_flag(p, "--model", "local folder or Hugging Face hub id", metavar="PATH_OR_ID",
+             unset="the built-in demo model (random weights, created offline on first use)")
     add_flag(p, "--host", "address to bind", default="127.0.0.1")
     add_flag(p, "--port", "port to bind", type=int, default=8000)
-    add_flag(p, "--served-model-name", "model name the APIs report and accept; default: --model")
-    add_flag(p, "--dtype", "weights and KV cache dtype", default="auto",
+    add_flag(p, "--served-model-name", "model name the APIs report and accept", metavar="NAME",
+             unset="--model (kvserve-demo for the demo model)")
+    add_flag(p, "--dtype", "weights and KV cache dtype; auto is bfloat16 on CUDA, float32 on CPU", default="auto",
              choices=["auto", "float32", "bfloat16", "float16"])
     add_flag(p, "--device", "auto, cpu, cuda or cuda:N", default="auto")
-    add_flag(p, "--block-size", "tokens per KV block (a power of two)", type=int, default=16)
-    add_flag(p, "--num-kv-blocks", "absolute KV pool size in blocks (wins over the memory options)", type=int)
-    add_flag(p, "--kv-cache-memory", "absolute KV pool size in bytes, e.g. 4GiB or 512MB")
-    add_flag(p, "--gpu-memory-utilization", "fraction of GPU memory for weights + KV (CUDA; 0.9 if nothing "
-             "else is given)", type=float)
-    add_flag(p, "--max-num-seqs", "most sequences in one batch", type=int, default=256)
-    add_flag(p, "--max-num-batched-tokens", "token budget of one engine step", type=int, default=2048)
-    add_flag(p, "--max-model-len", "maximum prompt + output length; default: the model's", type=int)
-    add_switch(p, "--no-prefix-caching", "disable prefix caching")
-    add_flag(p, "--attention-backend", "paged attention: triton kernels (auto on CUDA) or the PyTorch path",
+    add_flag(p, "--block-size", "tokens per KV block (a power of two)", type=int, default=16, metavar="N")
+    add_flag(p, "--num-kv-blocks", "KV pool size in blocks (wins over the memory options)", type=int, metavar="N",
+             unset="sized from memory")
+    add_flag(p, "--kv-cache-memory", "KV pool size in bytes, e.g. 4GiB or 512MB", metavar="SIZE",
+             unset="at most 2 GiB on CPU; on CUDA from --gpu-memory-utilization")
+    add_flag(p, "--gpu-memory-utilization", "fraction of GPU memory for weights + KV (CUDA)", type=float,
+             metavar="FRACTION", unset="0.9 when no pool size is given")
+    add_flag(p, "--max-num-seqs", "most sequences in one batch", type=int, default=256, metavar="N")
+    add_flag(p, "--max-num-batched-tokens", "token budget of one engine step", type=int, default=2048, metavar="N")
+    add_flag(p, "--max-model-len", "maximum prompt + output length", type=int, metavar="N",
+             unset="the model's (lowered to what the KV pool holds)")
+    add_switch(p, "--no-prefix-caching", "disable automatic prefix caching")
+    add_flag(p, "--attention-backend", "paged attention: auto is the Triton kernels on CUDA, PyTorch on CPU",
              default="auto", choices=["auto", "torch", "triton"])
-    add_switch(p, "--enforce-eager", "no CUDA graphs: run decode steps eagerly (CUDA graphs are captured "
-               "at start-up by default on CUDA with the triton backend)")
+    add_switch(p, "--enforce-eager", "run decode steps eagerly, without the CUDA graphs captured at start-up")
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
-             default=1024)
-    add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker "
-             "kills after 10 s by default)", type=float, default=6.0)
+             default=1024, metavar="N")
+    add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker kills "
+             "after 10 s unless told otherwise)", type=float, default=6.0, metavar="SECONDS")
     add_flag(p, "--sse-keepalive", "seconds between SSE `: keep-alive` comments while a stream is quiet",
-             type=float, default=5.0)
-    add_flag(p, "--log-level", "debug, info, warning or error", default="info",
+             type=float, default=5.0, metavar="SECONDS")
+    add_flag(p, "--log-level", "logging threshold", default="info",
              choices=["debug", "info", "warning", "error", "critical"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvserve", description="LLM serving with a paged KV cache.")
+    from kvserve import __version__
+    parser = argparse.ArgumentParser(prog="kvserve", description="LLM serving with a paged KV cache. "
+                                     "`kvserve COMMAND --help` lists a command's flags.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the HTTP server (TGI and OpenAI-compatible APIs)",
-                           description="Run the kvserve HTTP server.")
+                           description="Run the kvserve HTTP server. Every flag can also be set with the "
+                           "environment variable named in its help.")
     add_serve_flags(serve)
     for name, command in SUBCOMMANDS.items():
         sub.add_parser(name, help=command.help, add_help=False)
@@ -226,6 +241,11 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     if importlib.util.find_spec(command.module.split(".")[0]) is None or \
             importlib.util.find_spec(command.module) is None:
         print(f"kvserve {name} is not available: module {command.module} is not installed", file=sys.stderr)
+        return 2
+    missing = [m for m in command.needs if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"kvserve {name} needs the {command.extra} extra ({', '.join(missing)} not installed): "
+              f"pip install 'kvserve[{command.extra}]'", file=sys.stderr)
         return 2
     result = importlib.import_module(command.module).main(argv)
     return int(result or 0)

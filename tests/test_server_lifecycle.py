@@ -27,14 +27,69 @@ def server(demo_model_dir, tmp_path_factory):
     stop_server(s)
 
 
+def kvserve_help(tmp_path, *argv: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "kvserve", *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def option_helps(help_text: str) -> dict[str, str]:
+    """--flag -> its whole help entry (argparse puts a long flag's help on the following lines)."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = next(word for word in line.split() if word.startswith("--")).rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+    return entries
+
+
+SERVE_FLAGS = ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
+               "kv-cache-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
+               "max-model-len", "no-prefix-caching", "attention-backend", "enforce-eager", "max-waiting-requests",
+               "shutdown-timeout", "sse-keepalive", "log-level")
+
+
 def test_serve_help_names_flags_and_env_vars(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kvserve", "serve", "--help"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout
-    for flag in ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
-                 "kv-cache-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
-                 "max-model-len", "no-prefix-caching", "attention-backend", "enforce-eager", "max-waiting-requests",
-                 "shutdown-timeout", "log-level"):
+    out = kvserve_help(tmp_path, "serve", "--help")
+    for flag in SERVE_FLAGS:
         assert f"--{flag}" in out and "KVSERVE_" + flag.upper().replace("-", "_") in out, flag
+
+
+def test_serve_help_shows_each_default_once(tmp_path):
+    entries = option_helps(kvserve_help(tmp_path, "serve", "--help"))
+    assert set(entries) == {"--help"} | {f"--{flag}" for flag in SERVE_FLAGS}
+    for flag, entry in entries.items():
+        if flag != "--help":
+            assert entry.lower().count("default") == 1 and "; default: " in entry, entry
+    assert "[env: KVSERVE_PORT; default: 8000]" in entries["--port"]
+    assert "default: 6]" in entries["--shutdown-timeout"]
+    assert "[env: KVSERVE_ENFORCE_EAGER=1; default: off]" in entries["--enforce-eager"]
+
+
+def test_top_level_help_lists_commands_and_version(tmp_path):
+    out = kvserve_help(tmp_path, "--help")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ")}
+    assert set(lines) == {"serve", "bench"}
+    assert all(len(line.split()) > 2 for line in lines.values()), lines   # each with a description
+    assert "--version" in out and "needs bench/cli.py" not in out
+    from kvserve import __version__
+    assert kvserve_help(tmp_path, "--version").strip() == f"kvserve {__version__}"
+
+
+def test_bench_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from kvserve.server import cli
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else find_spec(name, *a))
+    assert cli.main(["bench", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib" in err and "pip install 'kvserve[bench]'" in err, err
 
 
 def test_subcommands_can_be_registered(tmp_path, monkeypatch):
