@@ -92,9 +92,16 @@ def test_healthcheck_command_follows_kvserve_port(tmp_path):
 def test_dockerignore_keeps_sources_and_drops_the_rest():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    for needed in ("pyproject.toml", "README.md", "kvserve", "cache", "scheduler", "server"):
+    for needed in ("pyproject.toml", "README.md", "kvserve", "cache", "scheduler", "server", "bench"):
         assert needed not in ignored, needed
     assert {".git", "tests", "**/__pycache__", "**/*.safetensors"} <= ignored
+
+
+def test_image_installs_only_what_serving_needs():
+    """The image installs kvserve with `pip install .` (non-editable), without the test or bench extras."""
+    installs = [line for line in (DOCKER / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert any(re.search(r"pip install (--no-cache-dir )?\.$", line) for line in installs), installs
+    assert not [line for line in installs if re.search(r"\.\[|\s-e\s|--editable|pytest|matplotlib", line)], installs
 
 
 def test_compose_structure():
