@@ -27,6 +27,11 @@ class Request:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    if not sys.stderr.isatty():
+        # transformers' and huggingface_hub's own bars (e.g. "Loading weights") write \r into logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "urllib3", "matplotlib", "PIL", "ContinuousBatchingLogger"):
@@ -222,7 +227,9 @@ def machine_line(info: dict) -> str:
     load_s = f", load {load[0]:.1f}" if load else ""
     commit = info.get("kvserve_commit") or info.get("kvserve_version")
     commit_s = f", kvserve {commit}" if commit else ""
-    return (f"{info['cpu_model']}, {info['cpu_cores']} cores{load_s}; device {dev}; "
+    threads = f", {info['torch_threads']} torch thread{'s' if info.get('torch_threads') != 1 else ''}" \
+        if info.get("torch_threads") and not info.get("gpu") else ""
+    return (f"{info['cpu_model']}, {info['cpu_cores']} cores{load_s}; device {dev}{threads}; "
             f"torch {info['torch']}, transformers {info['transformers']}{commit_s}")
 
 

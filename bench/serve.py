@@ -225,8 +225,10 @@ def _report(args, machine, reqs, loads, results: dict[str, list[dict]]) -> None:
         kv, tf = _sustained(results["kvserve"], slo), _sustained(results["transformers"], slo)
         comparison = {"ttft_p99_slo_s": slo, "kvserve_req_per_s": kv, "transformers_req_per_s": tf,
                       "ratio": ratio(kv, tf), "goal": GOAL}
-        print(f"sustained request rate at p99 TTFT <= {slo:.2f} s (no errors): kvserve {kv:.2f} req/s, transformers "
-              f"serve {tf:.2f} req/s -> {ratio(kv, tf):.2f}x (goal >= {GOAL}x; bounded by the rates tested)")
+        verdict = (f"{ratio(kv, tf):.2f}x (goal >= {GOAL}x; bounded by the rates tested)" if kv and tf else
+                   "no ratio: add lower --rates until both servers hold the bound at one of them")
+        print(f"sustained request rate at p99 TTFT <= {slo:.2f} s (no errors): kvserve {kv:g} req/s, transformers "
+              f"serve {tf:g} req/s -> {verdict}")
     print(f"machine: {common.machine_line(machine)}")
     payload = {"benchmark": NAME, "machine": machine,
                "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},
@@ -270,8 +272,8 @@ def plot(payload: dict, out_dir) -> object:
     if slo:
         ax1.axhline(slo, color="tab:red", lw=0.8, ls="-.", label=f"p99 bound {slo:.2f} s")
     xl = "offered request rate, req/s (Poisson)" if kind == "rate" else "concurrent requests"
-    panels = ((ax1, "time to first token, s", "TTFT (lower is better)"),
-              (ax2, "ms per token", "TPOT p50 and ITL p99 (lower is better)"),
+    panels = ((ax1, "time to first token, s (log scale)", "TTFT (lower is better)"),
+              (ax2, "ms per token (log scale)", "TPOT p50 and ITL p99 (lower is better)"),
               (ax3, "completed requests per second", "Throughput (higher is better)"))
     for ax, yl, title in panels:
         ax.set_xscale("log", base=2)
@@ -279,9 +281,11 @@ def plot(payload: dict, out_dir) -> object:
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both" if ax is not ax3 else "major")
         ax.legend(fontsize=7.5)
+    ax1.set_yscale("log")
+    ax2.set_yscale("log")
+    ax3.set_ylim(bottom=0)
     model = payload["model"]
     title = (f"Online serving, streaming {cfg['api']} API: {cfg['num_requests']} requests per point, prompts "
              f"{cfg['prompt_len'][0]}-{cfg['prompt_len'][1]}, outputs {cfg['output_len'][0]}-{cfg['output_len'][1]} "
