@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ from typing import Any
 
 import uvicorn
 
-from kvserve.server.serving import ServerState, drain
+from kvserve.config import parse_size
+from kvserve.server.serving import DEFAULT_MAX_REQUEST_BYTES, ServerSettings, ServerState, drain
 
 logger = logging.getLogger("kvserve.server")
 
@@ -78,8 +80,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              unset="the built-in demo model (random weights, created offline on first use)")
     add_flag(p, "--host", "address to bind", default="127.0.0.1")
     add_flag(p, "--port", "port to bind", type=int, default=8000)
-    add_flag(p, "--served-model-name", "model name the APIs report and accept", metavar="NAME",
-             unset="--model (kvserve-demo for the demo model)")
+    env = env_name("--served-model-name")
+    names = os.environ[env].replace(",", " ").split() if os.environ.get(env) else None
+    p.add_argument("--served-model-name", nargs="+", default=names, metavar="NAME",
+                   help="model names the APIs accept (aliases); the first is the one reported "
+                        f"[env: {env}, comma-separated; default: --model, or kvserve-demo for the demo model]")
     add_flag(p, "--dtype", "weights and KV cache dtype; auto is bfloat16 on CUDA, float32 on CPU", default="auto",
              choices=["auto", "float32", "bfloat16", "float16"])
     add_flag(p, "--device", "auto, cpu, cuda or cuda:N", default="auto")
@@ -106,6 +111,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              type=float, default=5.0, metavar="SECONDS")
     add_flag(p, "--log-level", "logging threshold", default="info",
              choices=["debug", "info", "warning", "error", "critical"])
+    env = env_name("--api-key")
+    p.add_argument("--api-key", default=os.environ.get(env) or None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on every API route (/health and /metrics stay open) "
+                        f"[env: {env}; default: {'set from the environment' if os.environ.get(env) else 'none'}]")
+    add_flag(p, "--max-request-bytes", "largest request body; larger ones get 413 before they are read, e.g. "
+             "8MiB", type=parse_size, default=f"{DEFAULT_MAX_REQUEST_BYTES // 2**20}MiB", metavar="SIZE")
+    add_switch(p, "--trust-request-chat-template", "let clients send their own chat_template (Jinja run in "
+               "transformers' sandbox); refused otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,15 +142,30 @@ def configure_logging(level: str) -> None:
                         stream=sys.stderr, force=True)
 
 
-def resolve_model(args: argparse.Namespace) -> tuple[str, str, bool]:
-    """(model path or id, served name, is_demo); creates the demo model offline when no --model."""
+def resolve_model(args: argparse.Namespace) -> tuple[str, tuple[str, ...], bool]:
+    """(model path or id, served names, is_demo); creates the demo model offline when no --model."""
     if args.model:
-        return args.model, args.served_model_name or args.model, False
+        return args.model, tuple(args.served_model_name or [args.model]), False
     from kvserve.demo import ensure_demo_model
     path = ensure_demo_model()
     logger.warning("no --model given: using the built-in demo model at %s (RANDOM weights, output is "
                    "gibberish; pass --model to serve a real model)", path)
-    return path, args.served_model_name or DEMO_SERVED_NAME, True
+    return path, tuple(args.served_model_name or [DEMO_SERVED_NAME]), True
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket now, before the (possibly minutes-long) model load: a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another server running there? "
+                      "choose another --port") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def engine_config(args: argparse.Namespace, model: str) -> Any:
@@ -170,18 +198,23 @@ def limits(args: argparse.Namespace) -> dict:
             "model_dtype": args.dtype, "model_device_type": args.device}
 
 
-def make_server(args: argparse.Namespace, config: Any, served_name: str, demo: bool) -> DrainingServer:
+def make_server(args: argparse.Namespace, config: Any, served_names: tuple[str, ...], demo: bool) -> DrainingServer:
     from kvserve.server.app import create_app
     server: DrainingServer | None = None
 
-    def on_load_error(exc: BaseException) -> None:
+    def cannot_serve(exc: BaseException) -> None:
+        """The model failed to load or the engine died: exit non-zero, so a supervisor restarts us."""
         assert server is not None
+        logger.error("the engine cannot serve (%s: %s): exiting with status 1", type(exc).__name__, exc)
         server.exit_code = 1
         server.should_exit = True
 
-    app = create_app(None, served_name, loader=engine_loader(config, args.max_waiting_requests),
-                     keepalive_interval=args.sse_keepalive,
-                     info_extra={**limits(args), "demo": demo}, on_load_error=on_load_error)
+    settings = ServerSettings(served_model_names=served_names, api_key=args.api_key,
+                              max_request_bytes=args.max_request_bytes,
+                              trust_request_chat_template=args.trust_request_chat_template)
+    app = create_app(None, loader=engine_loader(config, args.max_waiting_requests),
+                     keepalive_interval=args.sse_keepalive, info_extra={**limits(args), "demo": demo},
+                     on_load_error=cannot_serve, on_engine_death=cannot_serve, settings=settings)
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
                                     timeout_graceful_shutdown=3, lifespan="on")
     server = DrainingServer(uvicorn_config, app.state.kvserve, args.shutdown_timeout)
@@ -191,14 +224,20 @@ def make_server(args: argparse.Namespace, config: Any, served_name: str, demo: b
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     began = time.monotonic()
-    model, served_name, demo = resolve_model(args)
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"kvserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    model, served_names, demo = resolve_model(args)
     try:
         config = engine_config(args, model)
     except ValueError as exc:
         print(f"kvserve serve: error: {exc}", file=sys.stderr)
         return 2
-    server = make_server(args, config, served_name, demo)
-    server.run()
+    server = make_server(args, config, served_names, demo)
+    logger.info("listening on http://%s:%d%s", args.host, args.port, " (API key required)" if args.api_key else "")
+    server.run(sockets=[sock])
     logger.info("kvserve stopped after %.1f s", time.monotonic() - began)
     return server.exit_code
 

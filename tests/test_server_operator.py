@@ -1,0 +1,92 @@
+"""What an operator relies on when starting `kvserve serve`: a busy port fails before the model loads,
+a dead engine ends the process non-zero, the API key and model aliases work end to end."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from test_server_api import free_port, start_server, stop_server, wait_until
+
+KEY = "operator-key"
+
+
+def test_a_busy_port_fails_at_once_before_loading(demo_model_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "kvserve", "serve", "--model", demo_model_dir, "--device", "cpu",
+                              "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - began
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--port" in out.stderr
+    assert "loading" not in out.stderr.lower() and elapsed < 30   # the model was never loaded
+
+
+DIES_ON_FIRST_STEP = """
+import sys
+import kvserve.engine
+def step(self):
+    raise MemoryError("the device is gone")
+kvserve.engine.LLMEngine.step = step
+from kvserve.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_engine_fails_its_requests_and_exits_non_zero(demo_model_dir, tmp_path):
+    port = free_port()
+    argv = [sys.executable, "-c", DIES_ON_FIRST_STEP, "serve", "--model", demo_model_dir, "--device", "cpu",
+            "--port", str(port), "--num-kv-blocks", "64"]
+    log = tmp_path / "kvserve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(healthy, 120, interval=0.2), log.read_text()[-3000:]
+        r = httpx.post(f"{base}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 4}}, timeout=30)
+        assert r.status_code == 503 and "engine" in r.json()["error"], r.text
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "exiting with status 1" in log.read_text()
+
+
+def test_api_key_and_model_aliases_end_to_end(demo_model_dir, tmp_path):
+    server = start_server(demo_model_dir, tmp_path / "kvserve.log", "--served-model-name", "main-name", "alias",
+                          "--api-key", KEY, "--num-kv-blocks", "64")
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{server.base}/health").status_code == 200
+        assert httpx.get(f"{server.base}/metrics").status_code == 200
+        assert httpx.get(f"{server.base}/v1/models").status_code == 401
+        assert httpx.post(f"{server.base}/generate", json={"inputs": "hi"}).status_code == 401
+        models = httpx.get(f"{server.base}/v1/models", headers=auth).json()
+        assert models["data"][0]["id"] == "main-name"
+        for name in ("main-name", "alias"):
+            r = httpx.post(f"{server.base}/v1/completions", headers=auth, timeout=30,
+                           json={"model": name, "prompt": "hi", "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["model"] == "main-name", r.text
+        r = httpx.post(f"{server.base}/v1/completions", headers=auth,
+                       json={"model": "other", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.post(f"{server.base}/generate", headers=auth, timeout=30,
+                       json={"inputs": "hi", "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 200
+    finally:
+        stop_server(server)
