@@ -80,6 +80,17 @@ def add_common_args(p: argparse.ArgumentParser, *, shape: str = "llama-small") -
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The mixed workload's flags (request count, prompt and output lengths); returns the group."""
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
+    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
+                   help="prompt tokens, uniform in [LO, HI]")
+    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
+                   help="output tokens, uniform in [LO, HI]")
+    return g
+
+
 def resolve_device(device: str) -> str:
     import torch
     if device == "auto":

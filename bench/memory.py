@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from kvserve.bench import common
-from kvserve.bench.common import make_workload, parse_range, print_table, ratio
+from kvserve.bench.common import make_workload, print_table, ratio
 from kvserve.bench.models import describe, model_path
 from kvserve.bench.peers import blocks_for, free_memory, kvserve_generate, make_llm
 
@@ -29,12 +29,7 @@ class Sample:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p, shape="tiny")
-    g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
-    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
-                   help="prompt tokens, uniform in [LO, HI]")
-    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
-                   help="output tokens, uniform in [LO, HI]")
+    g = common.add_workload_args(p)
     g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block")
     g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N", help="tokens per engine step")
     g.add_argument("--budget-tokens", type=int, default=8192, metavar="N",

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from kvserve.bench import common
-from kvserve.bench.common import Request, make_workload, parse_range, print_table, ratio
+from kvserve.bench.common import Request, make_workload, print_table, ratio
 from kvserve.bench.models import describe, model_path
 from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
                          kvserve_generate, load_hf_model, make_llm)
@@ -20,12 +20,7 @@ log = logging.getLogger("kvserve.bench")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
-    g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
-    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
-                   help="prompt tokens, uniform in [LO, HI]")
-    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
-                   help="output tokens, uniform in [LO, HI]")
+    g = common.add_workload_args(p)
     g.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST", help="comma-separated systems")
     g = p.add_argument_group("systems")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="generate()'s static batch size")
