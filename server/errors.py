@@ -1,8 +1,9 @@
 """API errors and their two wire shapes: TGI's {"error", "error_type"} and OpenAI's {"error": {...}}."""
 from __future__ import annotations
 
+import json
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,15 +87,37 @@ def family_of(request: Request) -> Family:
     return "openai" if request.url.path.startswith("/v1/") else "tgi"
 
 
+def json_error(error: dict[str, Any], body: Any) -> str:
+    """FastAPI's "JSON decode error" with json's own reason, line and column."""
+    reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+    position = error["loc"][-1] if isinstance(error["loc"][-1], int) else 0
+    where = json.JSONDecodeError(reason, body, position) if isinstance(body, str) else None
+    at = f" at line {where.lineno} column {where.colno}" if where else f" at character {position}"
+    return f"the body is not valid JSON: {reason}{at}"
+
+
+def is_field_name(part: Any) -> bool:
+    """Location parts that name a field or an index, not one member of a union ("str", "list[int]")."""
+    return isinstance(part, int) or (part != "body" and part.isidentifier() and part not in UNION_TAGS
+                                     and not part[:1].isupper())
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """Turn pydantic's error list into one readable message and the first offending field."""
-    parts, first_field = [], None
+    parts: dict[str, list[str]] = {}
     for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part != "body"]
-        field = ".".join(location) or None
-        first_field = first_field or field
-        parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
-    return "; ".join(parts) or "invalid request body", first_field
+        if error.get("type") == "json_invalid":
+            return json_error(error, exc.body), None
+        field = ".".join(str(part) for part in error.get("loc", ()) if is_field_name(part))
+        messages = parts.setdefault(field, [])
+        if error.get("msg") not in messages:
+            messages.append(str(error.get("msg")))
+    described = [f"{field}: {' or '.join(messages)}" if field else " or ".join(messages)
+                 for field, messages in list(parts.items())[:5]]
+    return "; ".join(described) or "invalid request body", next((field for field in parts if field), None)
 
 
 def _record(request: Request, error: APIError) -> None:
@@ -115,8 +138,24 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return await handle_api_error(request, APIError("validation", message, param=field))
 
 
+def unparsable_body(exc: StarletteHTTPException) -> APIError | None:
+    """FastAPI's 400 "There was an error parsing the body", with its cause."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return APIError("validation", f"the body is not valid JSON: it is not UTF-8 text ({cause.reason} at "
+                        f"byte {cause.start})")
+    if isinstance(cause, RecursionError):
+        return APIError("validation", "the body is nested too deeply to parse")
+    if cause is not None and exc.status_code == 400:
+        return APIError("validation", f"the body cannot be parsed: {type(cause).__name__}")
+    return None
+
+
 async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    unparsable = unparsable_body(exc)
+    if unparsable is not None:
+        return await handle_api_error(request, unparsable)
     kind: Kind = "not_found" if exc.status_code in (404, 405) else "validation"
     error = APIError(kind, str(exc.detail))
     return JSONResponse(error.body(family_of(request)), status_code=exc.status_code)
