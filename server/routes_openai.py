@@ -9,15 +9,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve import RequestOutput, SamplingParams, TokenInfo
-from kvserve.server.errors import APIError
+from kvserve import RequestOutput, TokenInfo
+from kvserve.server.inputs import prepare_chat, prepare_completion
 from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
                                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
                                            CompletionRequest, CompletionResponse, OpenAIErrorResponse, ModelCard,
                                            ModelList, PromptTokensDetails, SamplingFields, Usage)
 from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
-from kvserve.server.validation import finite, reject_unknown, reject_unsupported, resolve_max_tokens
+from kvserve.server.validation import finite
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -29,88 +29,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": OpenAIErrorResponse, "description": "loading, shutting down or engine dead"},
     "4XX": {"model": OpenAIErrorResponse, "description": "every client error has this shape"},
 }
-
-
-def check_common(state: ServerState, body: SamplingFields) -> None:
-    """Checks both endpoints share: model name, n, unsupported and unknown fields."""
-    reject_unknown(body)
-    names = {state.served_model_name, getattr(state.engine, "model_id", None)}
-    if body.model is not None and body.model not in names:
-        raise APIError("not_found", f"the model `{body.model}` does not exist; this server serves "
-                       f"`{state.served_model_name}`", param="model", code="model_not_found")
-    reject_unsupported([
-        ("n", body.n, body.n not in (None, 1)),
-        ("logit_bias", body.logit_bias, bool(body.logit_bias)),
-    ])
-
-
-def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p or 1.0, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
-            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
-            min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output)
-    except ValueError as exc:
-        raise APIError("validation", str(exc)) from exc
-
-
-def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
-    """Token ids of a completion prompt: a string, token ids, or a list holding one of those."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError("validation", f"only one prompt per request is supported, got {len(prompt)}",
-                           param="prompt")
-        prompt = prompt[0]
-    ids = state.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise APIError("validation", "prompt must not be empty", param="prompt")
-    return ids
-
-
-def message_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text for part in content)
-
-
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """Render the messages with the model's chat template, then tokenize without extra specials."""
-    tokenizer = state.engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError("validation", "this model has no chat template; use /v1/completions instead",
-                       param="messages", code="no_chat_template")
-    messages = [{"role": message.role, "content": message_text(message.content),
-                 **({"name": message.name} if message.name else {})} for message in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
-                                             **(body.chat_template_kwargs or {}))
-    except Exception as exc:  # jinja errors such as "roles must alternate"
-        raise APIError("validation", f"cannot apply the chat template: {exc}", param="messages") from exc
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def check_chat(body: ChatCompletionRequest) -> None:
-    tools_on = bool(body.tools) or body.tool_choice not in (None, "none")
-    text_format = body.response_format is None or body.response_format.get("type") == "text"
-    reject_unsupported([
-        ("tools", body.tools, tools_on),
-        ("response_format", body.response_format, not text_format),
-        ("top_logprobs", body.top_logprobs, bool(body.top_logprobs)),
-    ])
-
-
-def check_completion(body: CompletionRequest) -> None:
-    reject_unsupported([
-        ("suffix", body.suffix, body.suffix is not None),
-        ("best_of", body.best_of, body.best_of not in (None, 1)),
-        ("logprobs", body.logprobs, body.logprobs not in (None, 0)),
-        ("echo", body.echo, body.echo and body.logprobs is not None),
-    ])
 
 
 def usage(prompt_len: int, out: RequestOutput) -> Usage:
@@ -176,13 +94,10 @@ async def list_models(state: StateDep) -> ModelList:
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
     """OpenAI text completion; `stream: true` answers `data:` chunks ending in `data: [DONE]`."""
-    check_common(state, body)
-    check_completion(body)
+    prepared = await prepare_completion(state, body)
+    prompt_ids = prepared.prompt_ids
     engine = state.require_engine()
-    prompt_ids = completion_prompt(state, body.prompt)
-    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
-                                    "max_tokens", "prompt")
-    engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens), f"cmpl-{uuid.uuid4().hex}")
+    engine_request = await admit(state, prompt_ids, prepared.params, f"cmpl-{uuid.uuid4().hex}")
     echo = engine.tokenizer.decode(prompt_ids) if body.echo else ""
     header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
     with_logprobs = body.logprobs is not None
@@ -219,15 +134,9 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
     """OpenAI chat completion via the model's chat template; 400 if the model has none."""
-    check_common(state, body)
-    check_chat(body)
-    engine = state.require_engine()
-    prompt_ids = chat_prompt(state, body)
-    requested = body.max_completion_tokens or body.max_tokens
-    name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, requested, None, name, "messages")
-    engine_request = await admit(state, prompt_ids, sampling_params(body, max_tokens),
-                                 f"chatcmpl-{uuid.uuid4().hex}")
+    prepared = await prepare_chat(state, body)
+    prompt_ids = prepared.prompt_ids
+    engine_request = await admit(state, prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}")
     header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
     if body.stream:
         return stream_chat(state, engine_request, header, body.logprobs, include_usage(body))

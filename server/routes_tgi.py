@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse, Response
 
 from kvserve import RequestOutput, SamplingParams, TokenInfo
 from kvserve.server.errors import APIError
-from kvserve.server.schemas_tgi import (DEFAULT_MAX_NEW_TOKENS, Details, TGIErrorResponse, GenerateParameters,
-                                        GenerateRequest, GenerateResponse, PrefillToken, StreamDetails,
-                                        StreamResponse, Token)
+from kvserve.server.inputs import prepare_tgi
+from kvserve.server.schemas_tgi import (Details, TGIErrorResponse, GenerateRequest, GenerateResponse, PrefillToken,
+                                        StreamDetails, StreamResponse, Token)
 from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
-from kvserve.server.validation import finite, random_seed, reject_unknown, reject_unsupported, resolve_max_tokens
+from kvserve.server.validation import finite
 
 router = APIRouter(tags=["TGI"])
 
@@ -43,53 +43,11 @@ class Submission:
         self.engine_request = engine_request
 
 
-def check_parameters(parameters: GenerateParameters, stream: bool) -> None:
-    reject_unknown(parameters, prefix="parameters.")
-    reject_unsupported([
-        ("parameters.typical_p", parameters.typical_p, parameters.typical_p not in (None, 1.0)),
-        ("parameters.top_n_tokens", parameters.top_n_tokens, parameters.top_n_tokens not in (None, 0)),
-        ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
-        ("parameters.watermark", parameters.watermark, parameters.watermark),
-        ("parameters.grammar", parameters.grammar, parameters.grammar is not None),
-        ("parameters.adapter_id", parameters.adapter_id, parameters.adapter_id is not None),
-    ])
-    if stream and parameters.decoder_input_details:
-        raise APIError("validation", "parameters.decoder_input_details is not supported when streaming",
-                       param="parameters.decoder_input_details")
-
-
-def sampling_params(parameters: GenerateParameters, max_tokens: int) -> tuple[SamplingParams, int | None]:
-    """TGI semantics: greedy unless do_sample or a sampling knob is set; a seed is drawn if missing."""
-    sample = (parameters.do_sample or parameters.temperature not in (None, 1.0) or parameters.top_k is not None
-              or parameters.top_p not in (None, 1.0))
-    seed = (parameters.seed if parameters.seed is not None else random_seed()) if sample else None
-    try:
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=(parameters.temperature or 1.0) if sample else 0.0,
-            top_k=parameters.top_k or 0, top_p=parameters.top_p or 1.0,
-            repetition_penalty=parameters.repetition_penalty or 1.0,
-            frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
-            include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos)
-    except ValueError as exc:
-        raise APIError("validation", str(exc), param="parameters") from exc
-    return params, seed
-
-
 async def submit(state: ServerState, body: GenerateRequest, stream: bool) -> Submission:
     """Validate the body, tokenize, admit into the engine (raising APIError before any response)."""
-    parameters = body.parameters
-    check_parameters(parameters, stream)
-    engine = state.require_engine()
-    prompt_ids = engine.encode(body.inputs)
-    if parameters.truncate is not None:
-        prompt_ids = prompt_ids[-parameters.truncate:]
-    if not prompt_ids:
-        raise APIError("validation", "inputs must not be empty", param="inputs")
-    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, parameters.max_new_tokens,
-                                    DEFAULT_MAX_NEW_TOKENS, "parameters.max_new_tokens", "inputs")
-    params, seed = sampling_params(parameters, max_tokens)
-    engine_request = await admit(state, prompt_ids, params, uuid.uuid4().hex)
-    return Submission(body, prompt_ids, params, seed, engine_request)
+    prepared = await prepare_tgi(state, body, stream)
+    engine_request = await admit(state, prepared.prompt_ids, prepared.params, uuid.uuid4().hex)
+    return Submission(body, prepared.prompt_ids, prepared.params, prepared.seed, engine_request)
 
 
 def token(token_info: TokenInfo) -> Token:

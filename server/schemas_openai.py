@@ -5,39 +5,56 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.server.validation import NullAsDefault
+from kvserve.server.validation import ClientBody, NullAsDefault
 
 OpenAIFinishReason = Literal["stop", "length"]
+MAX_STOP_SEQUENCES = 64       # OpenAI documents 4; vLLM has no cap; SamplingParams' own bound
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class StreamOptions(NullAsDefault):
-    include_usage: bool = False
-
-
-class SamplingFields(NullAsDefault):
-    """Fields shared by completions and chat, including vLLM's extensions (ignore_eos, top_k, ...)."""
+    """Only with `stream: true`."""
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(None, description="the served model name (GET /v1/models); optional")
+    include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="accepted and ignored (no obfuscation field)")
+
+
+class SamplingFields(ClientBody):
+    """Fields shared by completions and chat, including vLLM's extensions (ignore_eos, top_k, ...).
+    Fields that change nothing here (store, metadata, user, ...) are accepted and ignored."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="a served model name (GET /v1/models); optional")
     temperature: float | None = Field(None, ge=0, le=2, description="default 1.0; 0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, description="only 1 is supported")
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    stop: str | list[str] | None = Field(None, description=(
+        f"up to {MAX_STOP_SEQUENCES} strings (OpenAI documents 4; kvserve accepts more, as vLLM does)"))
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
-    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description=(
+        f"token id (as a string) -> bias in [-100, 100] added to its logit; at most {MAX_LOGIT_BIAS} entries"))
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating after EOS")
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # accepted and ignored: they change nothing in what this server generates
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -56,7 +73,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[TextPart] | None = None
@@ -73,9 +90,20 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
     tools: list[Any] | None = Field(None, description="not supported: only null or []")
     tool_choice: Any = Field(None, description="only null or \"none\"")
-    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = Field(None, description="not supported: only null or []")
+    function_call: Any = Field(None, description="only null or \"none\"")
+    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools)")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+    audio: Any = Field(None, description="not supported: only null")
+    prediction: Any = Field(None, description="not supported: only null")
+    reasoning_effort: str | None = Field(None, description="not supported: only null")
+    verbosity: str | None = Field(None, description="not supported: only null")
+    web_search_options: Any = Field(None, description="not supported: only null")
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(None, description="only when the server runs with "
+                                      "--trust-request-chat-template")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "extra variables for the chat template: plain JSON values, bounded in size"))
 
 
 class PromptTokensDetails(BaseModel):

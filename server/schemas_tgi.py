@@ -5,14 +5,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.server.validation import NullAsDefault
+from kvserve.server.validation import ClientBody, NullAsDefault
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_NEW_TOKENS = 100
 
 
 class GenerateParameters(NullAsDefault):
-    """TGI's `parameters`; typical_p, top_n_tokens, best_of, watermark, grammar only at their defaults."""
+    """TGI's `parameters`, in TGI's documented ranges; typical_p, top_n_tokens, best_of, watermark, grammar
+    and adapter_id only at their defaults."""
     model_config = ConfigDict(extra="allow")
 
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS}, "
@@ -21,11 +22,11 @@ class GenerateParameters(NullAsDefault):
                             "top_k or top_p")
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    typical_p: float | None = Field(None, gt=0, le=1, description="not supported: only null or 1.0")
+    top_p: float | None = Field(None, gt=0, lt=1)
+    typical_p: float | None = Field(None, gt=0, lt=1, description="not supported: only null")
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="an unsigned 64-bit integer")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     details: bool = False
     decoder_input_details: bool = Field(False, description="prefill tokens (ids and texts; their "
@@ -40,7 +41,7 @@ class GenerateParameters(NullAsDefault):
     ignore_eos: bool = Field(False, description="kvserve extension: keep generating after EOS")
 
 
-class GenerateRequest(NullAsDefault):
+class GenerateRequest(ClientBody):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False

@@ -1,17 +1,23 @@
-"""Checks shared by both API families: unsupported fields, lengths, finite numbers."""
+"""Checks shared by both API families: nulls as defaults, client text, unsupported and unknown fields,
+lengths, JSON values."""
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from kvserve.server.errors import APIError
 
+MAX_JSON_DEPTH = 16
+
 
 class NullAsDefault(BaseModel):
-    """A body where an explicit null means "use the default" (many clients send every field)."""
+    """A body where an explicit null means "use the default" (many clients send every field).
+    Numbers must be finite (Python's json reads NaN and Infinity)."""
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -21,11 +27,80 @@ class NullAsDefault(BaseModel):
         return data
 
 
+class ClientBody(NullAsDefault):
+    """A whole request body: every string in it (keys too) must be encodable text, so a lone
+    surrogate such as "\\ud800" is refused with the field's name instead of breaking the tokenizer
+    or the JSON encoder of the answer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
+
+
+def field_path(path: tuple) -> str:
+    return ".".join(str(part) for part in path) or "body"
+
+
+def _bad_text(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_text(data: Any, prefix: tuple = ()) -> None:
+    """Raise a validation APIError naming the first string (or key) that is not valid Unicode text."""
+    stack: list[tuple[tuple, Any]] = [(prefix, data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _bad_text(value):
+                raise APIError("validation", f"{field_path(path)} holds a lone UTF-16 surrogate (such as \\ud800); "
+                               "send valid Unicode text", param=field_path(path))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and _bad_text(key):
+                    raise APIError("validation", f"a key of {field_path(path)} holds a lone UTF-16 surrogate; "
+                                   "send valid Unicode text", param=field_path(path))
+                stack.append(((*path, key), item))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
+
+
+def check_json_value(value: Any, name: str, max_chars: int) -> None:
+    """Only plain JSON values (str, int, float, bool, None, lists and string-keyed dicts of them), at most
+    MAX_JSON_DEPTH deep and `max_chars` characters as JSON."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError("validation", f"{name} is nested more than {MAX_JSON_DEPTH} levels deep", param=name)
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                raise APIError("validation", f"{name} must have string keys", param=name)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise APIError("validation", f"{name} must hold finite numbers", param=name)
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise APIError("validation", f"{name} may hold only JSON values, got {type(item).__name__}",
+                           param=name)
+    if len(json.dumps(value)) > max_chars:
+        raise APIError("validation", f"{name} is larger than {max_chars} characters as JSON", param=name)
+
+
 def reject_unsupported(checks: list[tuple[str, Any, bool]]) -> None:
     """Raise a validation APIError for the first (field, value, unsupported) that is unsupported."""
     for name, value, unsupported in checks:
         if unsupported:
-            raise APIError("validation", f"{name}={value!r} is not supported by kvserve; leave it unset "
+            shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
+            raise APIError("validation", f"{name}={shown} is not supported by kvserve; leave it unset "
                            "or at its default", param=name)
 
 

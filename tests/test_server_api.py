@@ -403,16 +403,17 @@ def test_openai_errors_use_openai_shape(client, path, body, status, param):
 
 def test_no_chat_template_is_a_400():
     from kvserve.server.errors import APIError
-    from kvserve.server.routes_openai import chat_prompt
+    from kvserve.server.inputs import chat_prompt
     from kvserve.server.schemas_openai import ChatCompletionRequest
     from kvserve.server.serving import ServerState
 
     class Engine:
         tokenizer = type("Tok", (), {"chat_template": None})()
+        is_running = True
 
     state = ServerState(served_model_name=MODEL, engine=Engine())
     with pytest.raises(APIError) as err:
-        chat_prompt(state, ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]))
+        asyncio.run(chat_prompt(state, ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])))
     assert err.value.status("openai") == 400 and err.value.param == "messages"
 
 

@@ -1,0 +1,397 @@
+"""From either API's body to what the engine takes, on one path for both: the model name, the fields
+each API supports (with the bounds it documents), prompt token ids (tokenized or rendered on a worker
+thread, bounded in time) and SamplingParams. Every refusal is an APIError naming the field as the
+client spelled it (`temperature` for OpenAI, `parameters.temperature` for TGI)."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kvserve import SamplingParams
+from kvserve.server.errors import APIError
+from kvserve.server.schemas_openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
+from kvserve.server.serving import ServerState
+from kvserve.server.validation import (check_json_value, random_seed, reject_unknown, reject_unsupported,
+                                       resolve_max_tokens)
+
+# what huggingface_hub's InferenceClient(base_url=...) sends as the chat model: "dummy" since 0.28,
+# "tgi" before (TGI's own examples too); TGI accepts any name, kvserve only these and its own
+PLACEHOLDER_MODEL_NAMES = ("dummy", "tgi")
+CPU_WORK_TIMEOUT_S = 10.0
+CPU_WORKERS = 4
+MAX_TEMPLATE_KWARGS_CHARS = 64 * 1024
+# apply_chat_template's own arguments: chat_template_kwargs must not override them
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
+PARAM_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+LEADING_FIELD = re.compile(r"^([a-z_]+)")
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+Rename = Callable[[str], str]
+
+
+@dataclass
+class Prepared:
+    """A request ready for admit(): prompt ids and checked params (and the seed TGI reports)."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int | None = None
+
+
+# the model name
+
+def check_model(state: ServerState, model: str | None) -> None:
+    """Any served name, the model path or id, or huggingface_hub's placeholder; else OpenAI's 404."""
+    if model is None:
+        return
+    names = {*state.settings.served_model_names, state.served_model_name, *PLACEHOLDER_MODEL_NAMES}
+    if state.engine is not None:
+        names.add(str(state.engine.model_id))
+    if model not in names:
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        raise APIError("not_found", f"the model `{shown}` does not exist; this server serves "
+                       f"`{state.served_model_name}`", param="model", code="model_not_found")
+
+
+# CPU work off the event loop
+
+class WorkTimeout(Exception):
+    """Raised inside a worker thread to stop work that ran past its time bound."""
+
+
+def _raise_in_thread(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Schedule `exc` in a thread (raised at its next bytecode boundary); None clears a pending one."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+
+
+class _Job:
+    """A call on a worker thread that the event loop can stop: dropped if not started yet, else
+    interrupted with WorkTimeout (a Jinja loop is Python code, so it stops at its next bytecode)."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple):
+        self.fn, self.args = fn, args
+        self.lock = threading.Lock()
+        self.thread_id: int | None = None
+        self.stopped = False
+
+    def __call__(self) -> Any:
+        with self.lock:
+            if self.stopped:
+                raise WorkTimeout
+            self.thread_id = threading.get_ident()
+        try:
+            return self.fn(*self.args)
+        finally:
+            with self.lock:
+                if self.stopped:   # a WorkTimeout not delivered yet must not fire in the pool's own code
+                    _raise_in_thread(self.thread_id, None)
+                self.thread_id = None
+
+    def stop(self) -> bool:
+        """Stop the job; True if it was running (it is then interrupted)."""
+        with self.lock:
+            self.stopped = True
+            if self.thread_id is None:
+                return False
+            _raise_in_thread(self.thread_id, WorkTimeout)
+            return True
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="kvserve-prompt")
+    return _pool
+
+
+async def off_loop(what: str, param: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a worker thread within CPU_WORK_TIMEOUT_S: past it the work is stopped and the
+    request refused (4xx if it ran that long, 503 if it never got a worker)."""
+    job = _Job(fn, args)
+    future = asyncio.get_running_loop().run_in_executor(_executor(), job)
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved, never logged
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), CPU_WORK_TIMEOUT_S)
+    except TimeoutError:
+        if job.stop():
+            raise APIError("validation", f"{what} took longer than {CPU_WORK_TIMEOUT_S:g} s and was stopped",
+                           param=param, code="timeout") from None
+        raise APIError("unavailable", f"the server is busy: {what} did not start within "
+                       f"{CPU_WORK_TIMEOUT_S:g} s; retry later", code="busy") from None
+    except asyncio.CancelledError:
+        job.stop()
+        raise
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """engine.encode's tokenization without transformers' too-long warning (the engine checks lengths)."""
+    return tokenizer.encode(text, verbose=False)
+
+
+async def tokenize(state: ServerState, text: str, param: str) -> list[int]:
+    return await off_loop(f"tokenizing {param}", param, encode, state.require_engine().tokenizer, text)
+
+
+# errors of SamplingParams and engine.validate, in the API's names
+
+def refusal(message: str, rename: Rename, param: str | None = None) -> APIError:
+    """A ValueError from SamplingParams or engine.validate as a validation APIError; each "; "-separated
+    part that starts with a SamplingParams field is renamed to the API's field."""
+    parts, first = [], None
+    for part in message.split("; "):
+        match = LEADING_FIELD.match(part)
+        if match and match.group(1) in PARAM_FIELDS:
+            first = first or rename(match.group(1))
+            part = rename(match.group(1)) + part[match.end():]
+        parts.append(part)
+    return APIError("validation", "; ".join(parts), param=param or first)
+
+
+def build_params(rename: Rename, **fields: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise refusal(str(exc), rename) from exc
+
+
+def engine_validate(state: ServerState, prompt_ids: list[int], params: SamplingParams, rename: Rename,
+                    prompt_param: str) -> None:
+    """engine.validate (vocabulary, lengths) before admit(), so its refusals name the API's fields."""
+    try:
+        state.require_engine().validate(prompt_ids, params)
+    except ValueError as exc:
+        param = getattr(exc, "param", None)
+        raise refusal(str(exc), rename, prompt_param if param == "prompt" else rename(param) if param
+                      else None) from exc
+
+
+# OpenAI
+
+def check_openai(state: ServerState, body: SamplingFields) -> None:
+    """What both OpenAI routes refuse: unknown fields, a wrong model, n != 1, stream_options without stream."""
+    reject_unknown(body)
+    check_model(state, body.model)
+    if body.stream_options is not None:
+        if not body.stream:
+            raise APIError("validation", "stream_options is only allowed when stream is true",
+                           param="stream_options")
+        reject_unknown(body.stream_options, prefix="stream_options.")
+    reject_unsupported([("n", body.n, body.n != 1)])
+
+
+def check_chat(body: ChatCompletionRequest) -> None:
+    """Chat fields that would change the output if they were ignored."""
+    text_format = body.response_format is None or body.response_format.get("type") == "text"
+    reject_unsupported([
+        ("tools", body.tools, bool(body.tools)),
+        ("tool_choice", body.tool_choice, body.tool_choice not in (None, "none")),
+        ("functions", body.functions, bool(body.functions)),
+        ("function_call", body.function_call, body.function_call not in (None, "none")),
+        ("response_format", body.response_format, not text_format),
+        ("top_logprobs", body.top_logprobs, bool(body.top_logprobs)),
+        ("modalities", body.modalities, body.modalities not in (None, ["text"])),
+        ("audio", body.audio, body.audio is not None),
+        ("prediction", body.prediction, body.prediction is not None),
+        ("reasoning_effort", body.reasoning_effort, body.reasoning_effort is not None),
+        ("verbosity", body.verbosity, body.verbosity is not None),
+        ("web_search_options", body.web_search_options, body.web_search_options is not None),
+    ])
+
+
+def check_completion(body: CompletionRequest) -> None:
+    reject_unsupported([
+        ("suffix", body.suffix, body.suffix is not None),
+        ("best_of", body.best_of, body.best_of not in (None, 1)),
+        ("logprobs", body.logprobs, body.logprobs not in (None, 0)),
+        ("echo", body.echo, body.echo and body.logprobs is not None),
+    ])
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with string keys, as SamplingParams' {id: bias}."""
+    result = {}
+    for key, value in (bias or {}).items():
+        if not TOKEN_ID.fullmatch(key):
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise APIError("validation", f"logit_bias keys must be token ids (non-negative integers written as "
+                           f"strings), got {shown!r}", param="logit_bias")
+        result[int(key)] = value
+    return result
+
+
+def openai_params(body: SamplingFields, max_tokens: int, rename: Rename) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return build_params(
+        rename, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+        skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
+        logit_bias=logit_bias(body.logit_bias))
+
+
+async def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
+    """Token ids of a completion prompt: a string, token ids, or a list holding one of those."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError("validation", f"only one prompt per request is supported, got {len(prompt)}",
+                           param="prompt")
+        prompt = prompt[0]
+    ids = await tokenize(state, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError("validation", "prompt must not be empty", param="prompt")
+    return ids
+
+
+async def prepare_completion(state: ServerState, body: CompletionRequest) -> Prepared:
+    check_openai(state, body)
+    check_completion(body)
+    engine = state.require_engine()
+    prompt_ids = await completion_prompt(state, body.prompt)
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
+                                    "max_tokens", "prompt")
+    params = openai_params(body, max_tokens, _same)
+    engine_validate(state, prompt_ids, params, _same, "prompt")
+    return Prepared(prompt_ids, params)
+
+
+def template_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[str | None, dict[str, Any]]:
+    """The request's own chat template (only if the operator trusts them) and the template's extra
+    variables (plain JSON values, bounded, none of apply_chat_template's own arguments)."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    check_json_value(kwargs, "chat_template_kwargs", MAX_TEMPLATE_KWARGS_CHARS)
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise APIError("validation", f"chat_template_kwargs.{reserved[0]} is not a template variable; set it "
+                       "as a field of the request or leave it out", param=f"chat_template_kwargs.{reserved[0]}")
+    template, name = body.chat_template, "chat_template"
+    if "chat_template" in kwargs:
+        template, name = kwargs.pop("chat_template"), "chat_template_kwargs.chat_template"
+    if template is not None and not state.settings.trust_request_chat_template:
+        raise APIError("validation", f"{name} is refused: this server renders only the model's own chat "
+                       "template (its operator can allow request templates with --trust-request-chat-template)",
+                       param=name)
+    if template is not None and not isinstance(template, str):
+        raise APIError("validation", f"{name} must be a string", param=name)
+    return template, kwargs
+
+
+def message_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, template: str | None,
+                kwargs: dict[str, Any]) -> list[int]:
+    """Runs on a worker thread: apply_chat_template (transformers' sandboxed Jinja), then tokenize."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=template, **kwargs)
+    except WorkTimeout:
+        raise
+    except Exception as exc:  # jinja errors such as "roles must alternate", or a broken request template
+        detail = str(exc) if len(str(exc)) <= 500 else str(exc)[:500] + "..."
+        raise APIError("validation", f"cannot apply the chat template: {type(exc).__name__}: {detail}",
+                       param="messages") from exc
+    if not isinstance(text, str):
+        raise APIError("validation", "the chat template did not render text", param="messages")
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """Render the messages with the chat template on a worker thread, then tokenize without extra specials."""
+    tokenizer = state.require_engine().tokenizer
+    template, kwargs = template_inputs(state, body)
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise APIError("validation", "this model has no chat template; use /v1/completions instead",
+                       param="messages", code="no_chat_template")
+    messages = [{"role": message.role, "content": message_text(message.content),
+                 **({"name": message.name} if message.name else {})} for message in body.messages]
+    return await off_loop("rendering the chat template", "messages", render_chat, tokenizer, messages,
+                          body.add_generation_prompt, template, kwargs)
+
+
+async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepared:
+    check_openai(state, body)
+    check_chat(body)
+    engine = state.require_engine()
+    prompt_ids = await chat_prompt(state, body)
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, requested, None, name, "messages")
+
+    def rename(field: str) -> str:
+        return name if field == "max_tokens" else field
+
+    params = openai_params(body, max_tokens, rename)
+    engine_validate(state, prompt_ids, params, rename, "messages")
+    return Prepared(prompt_ids, params)
+
+
+def _same(field: str) -> str:
+    return field
+
+
+# TGI
+
+def tgi_name(field: str) -> str:
+    return "parameters.max_new_tokens" if field == "max_tokens" else f"parameters.{field}"
+
+
+def check_tgi(parameters: GenerateParameters, stream: bool) -> None:
+    reject_unknown(parameters, prefix="parameters.")
+    reject_unsupported([
+        ("parameters.typical_p", parameters.typical_p, parameters.typical_p is not None),
+        ("parameters.top_n_tokens", parameters.top_n_tokens, parameters.top_n_tokens not in (None, 0)),
+        ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
+        ("parameters.watermark", parameters.watermark, parameters.watermark),
+        ("parameters.grammar", parameters.grammar, parameters.grammar is not None),
+        ("parameters.adapter_id", parameters.adapter_id, parameters.adapter_id is not None),
+    ])
+    if stream and parameters.decoder_input_details:
+        raise APIError("validation", "parameters.decoder_input_details is not supported when streaming",
+                       param="parameters.decoder_input_details")
+
+
+def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[SamplingParams, int | None]:
+    """TGI semantics: greedy unless do_sample or a sampling knob is set; a seed is drawn if missing."""
+    sample = (parameters.do_sample or parameters.temperature not in (None, 1.0) or parameters.top_k is not None
+              or parameters.top_p is not None)
+    seed = (parameters.seed if parameters.seed is not None else random_seed()) if sample else None
+    params = build_params(
+        tgi_name, max_tokens=max_tokens, temperature=(parameters.temperature or 1.0) if sample else 0.0,
+        top_k=parameters.top_k or 0, top_p=parameters.top_p or 1.0,
+        repetition_penalty=parameters.repetition_penalty or 1.0,
+        frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
+        include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos)
+    return params, seed
+
+
+async def prepare_tgi(state: ServerState, body: GenerateRequest, stream: bool) -> Prepared:
+    parameters = body.parameters
+    check_tgi(parameters, stream)
+    engine = state.require_engine()
+    prompt_ids = await tokenize(state, body.inputs, "inputs")
+    if parameters.truncate is not None:
+        prompt_ids = prompt_ids[-parameters.truncate:]
+    if not prompt_ids:
+        raise APIError("validation", "inputs must not be empty", param="inputs")
+    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, parameters.max_new_tokens,
+                                    DEFAULT_MAX_NEW_TOKENS, "parameters.max_new_tokens", "inputs")
+    params, seed = tgi_params(parameters, max_tokens)
+    engine_validate(state, prompt_ids, params, tgi_name, "inputs")
+    return Prepared(prompt_ids, params, seed)
