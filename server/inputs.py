@@ -135,13 +135,33 @@ async def off_loop(what: str, param: str, fn: Callable[..., Any], *args: Any) ->
         raise
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
+_longest_token: dict[int, int] = {}
+
+
+def check_chars(tokenizer: Any, text: str, max_model_len: int | None, param: str) -> None:
+    """Refuse, before tokenizing it, a text too long for max_model_len tokens of the vocabulary's longest
+    token (4x margin for normalizers): megabytes of text would hold a core for seconds."""
+    if max_model_len is None:
+        return
+    if id(tokenizer) not in _longest_token:
+        _longest_token[id(tokenizer)] = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    limit = 4 * max_model_len * max(_longest_token[id(tokenizer)], 1)
+    if len(text) > limit:
+        raise APIError("validation", f"{param} has {len(text)} characters, more than {max_model_len} tokens "
+                       f"(max_model_len) of this model can hold", param=param, code="context_length_exceeded")
+
+
+def encode(tokenizer: Any, text: str, max_model_len: int | None, param: str) -> list[int]:
     """engine.encode's tokenization without transformers' too-long warning (the engine checks lengths)."""
+    check_chars(tokenizer, text, max_model_len, param)
     return tokenizer.encode(text, verbose=False)
 
 
-async def tokenize(state: ServerState, text: str, param: str) -> list[int]:
-    return await off_loop(f"tokenizing {param}", param, encode, state.require_engine().tokenizer, text)
+async def tokenize(state: ServerState, text: str, param: str, bounded: bool = True) -> list[int]:
+    """Token ids of `text`; `bounded`: refuse texts that cannot fit (not when TGI truncates them)."""
+    engine = state.require_engine()
+    max_model_len = engine.max_model_len if bounded else None
+    return await off_loop(f"tokenizing {param}", param, encode, engine.tokenizer, text, max_model_len, param)
 
 
 # errors of SamplingParams and engine.validate, in the API's names
@@ -296,7 +316,7 @@ def message_text(content: Any) -> str:
 
 
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, template: str | None,
-                kwargs: dict[str, Any]) -> list[int]:
+                kwargs: dict[str, Any], max_model_len: int) -> list[int]:
     """Runs on a worker thread: apply_chat_template (transformers' sandboxed Jinja), then tokenize."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -309,12 +329,14 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
                        param="messages") from exc
     if not isinstance(text, str):
         raise APIError("validation", "the chat template did not render text", param="messages")
+    check_chars(tokenizer, text, max_model_len, "messages")
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     """Render the messages with the chat template on a worker thread, then tokenize without extra specials."""
-    tokenizer = state.require_engine().tokenizer
+    engine = state.require_engine()
+    tokenizer = engine.tokenizer
     template, kwargs = template_inputs(state, body)
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError("validation", "this model has no chat template; use /v1/completions instead",
@@ -322,7 +344,7 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[i
     messages = [{"role": message.role, "content": message_text(message.content),
                  **({"name": message.name} if message.name else {})} for message in body.messages]
     return await off_loop("rendering the chat template", "messages", render_chat, tokenizer, messages,
-                          body.add_generation_prompt, template, kwargs)
+                          body.add_generation_prompt, template, kwargs, engine.max_model_len)
 
 
 async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepared:
@@ -385,7 +407,7 @@ async def prepare_tgi(state: ServerState, body: GenerateRequest, stream: bool) -
     parameters = body.parameters
     check_tgi(parameters, stream)
     engine = state.require_engine()
-    prompt_ids = await tokenize(state, body.inputs, "inputs")
+    prompt_ids = await tokenize(state, body.inputs, "inputs", bounded=parameters.truncate is None)
     if parameters.truncate is not None:
         prompt_ids = prompt_ids[-parameters.truncate:]
     if not prompt_ids:

@@ -16,8 +16,8 @@ MAX_JSON_DEPTH = 16
 
 class NullAsDefault(BaseModel):
     """A body where an explicit null means "use the default" (many clients send every field).
-    Numbers must be finite (Python's json reads NaN and Infinity)."""
-    model_config = ConfigDict(allow_inf_nan=False)
+    Types are strict (no "5" for 5, no true for 1.0) and numbers finite (Python's json reads NaN)."""
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -117,15 +117,15 @@ def resolve_max_tokens(prompt_len: int, max_model_len: int, requested: int | Non
     """The output budget: `requested` if it fits, else a 4xx naming the lengths; default capped to fit."""
     room = max_model_len - prompt_len
     if room < 1:
-        raise APIError("validation", f"the prompt has {prompt_len} tokens but this model accepts at most "
-                       f"{max_model_len - 1} prompt tokens (max_model_len={max_model_len} including at least "
-                       "one generated token)", param=prompt_param, code="context_length_exceeded")
+        raise APIError("validation", f"the prompt ({prompt_param}) has {prompt_len} tokens but this model accepts "
+                       f"at most {max_model_len - 1} prompt tokens (max_model_len={max_model_len} including at "
+                       "least one generated token)", param=prompt_param, code="context_length_exceeded")
     if requested is None:
         return room if default is None else min(default, room)
     if requested > room:
-        raise APIError("validation", f"the prompt has {prompt_len} tokens and {name}={requested}, but this "
-                       f"model accepts at most {max_model_len} tokens in total (max_model_len); set {name} "
-                       f"to at most {room}", param=name, code="context_length_exceeded")
+        raise APIError("validation", f"the prompt ({prompt_param}) has {prompt_len} tokens and {name}={requested}, "
+                       f"but this model accepts at most {max_model_len} tokens in total (max_model_len); set "
+                       f"{name} to at most {room}", param=name, code="context_length_exceeded")
     return requested
 
 

@@ -329,7 +329,21 @@ def test_too_long_prompts_print_no_tokenizer_warning(server, client):
     assert openai_error(post(client, "/v1/completions", {"prompt": long}))["param"] == "prompt"
     assert openai_error(post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}))[
         "param"] == "messages"
+    truncated = post(client, "/generate", {"inputs": long, "parameters": {"truncate": 8, "max_new_tokens": 2}})
+    assert truncated.status_code == 200, truncated.text    # tokenized whole, then truncated
     assert "Token indices sequence length" not in server.log_tail(100_000)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/generate", {"inputs": "x" * 3 * 2**20}, "inputs"),
+    ("/v1/completions", {"prompt": "x" * 3 * 2**20}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 3 * 2**20}]}, "messages"),
+])
+def test_megabytes_of_text_are_refused_before_tokenizing(client, path, body, param):
+    began = time.monotonic()
+    r = post(client, path, body)
+    message = openai_error(r)["message"] if path.startswith("/v1/") else tgi_error(r)
+    assert message.startswith(param) and "characters" in message and time.monotonic() - began < 1.5
 
 
 class FakeEngine:
