@@ -151,12 +151,15 @@ def unparsable_body(exc: StarletteHTTPException) -> APIError | None:
     return None
 
 
+HTTP_KINDS: dict[int, Kind] = {401: "unauthorized", 404: "not_found", 405: "not_found", 413: "too_large"}
+
+
 async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     unparsable = unparsable_body(exc)
     if unparsable is not None:
         return await handle_api_error(request, unparsable)
-    kind: Kind = "not_found" if exc.status_code in (404, 405) else "validation"
+    kind: Kind = HTTP_KINDS.get(exc.status_code, "validation")
     error = APIError(kind, str(exc.detail))
     return JSONResponse(error.body(family_of(request)), status_code=exc.status_code)
 

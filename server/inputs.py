@@ -124,7 +124,7 @@ async def off_loop(what: str, param: str, fn: Callable[..., Any], *args: Any) ->
     future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved, never logged
     try:
         return await asyncio.wait_for(asyncio.shield(future), CPU_WORK_TIMEOUT_S)
-    except TimeoutError:
+    except asyncio.TimeoutError:   # the builtin TimeoutError only from Python 3.11 on
         if job.stop():
             raise APIError("validation", f"{what} took longer than {CPU_WORK_TIMEOUT_S:g} s and was stopped",
                            param=param, code="timeout") from None

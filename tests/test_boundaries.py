@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import kvserve
-
 ENTRY_POINTS = {"kvserve.__main__", "kvserve.server.cli"}
 LAYERS = {"kvserve.cache": 0, "kvserve.scheduler": 1, "kvserve": 2, "kvserve.server": 3, "kvserve.bench": 4}
 FACADE = {"kvserve"}

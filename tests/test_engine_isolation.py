@@ -6,7 +6,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from kvserve import LLM, AsyncEngine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
 from kvserve import sampler as sampler_module

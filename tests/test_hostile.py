@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from test_server_api import MODEL, sse_events, start_server, stop_server
+from test_server_api import MODEL, running_server, sse_events
 
 NAN, INF = float("nan"), float("inf")
 U64 = 2**64
@@ -332,9 +332,9 @@ CASES = expand(tgi_cases() + openai_cases())
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-hostile") / "kvserve.log"
-    s = start_server(demo_model_dir, log, "--num-kv-blocks", "512", "--max-num-seqs", "32", "--log-level", "warning")
-    yield s
-    stop_server(s)
+    with running_server(demo_model_dir, log, "--num-kv-blocks", "512", "--max-num-seqs", "32",
+                        "--log-level", "warning") as s:
+        yield s
 
 
 BYSTANDERS: list[tuple[str, str, dict]] = [

@@ -6,13 +6,14 @@ prompt caching in usage, and client disconnects freeing KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def start_server(model_dir: str, log: Path, *flags: str, timeout: float = 150) -
     return server
 
 
+@contextlib.contextmanager
+def running_server(model_dir: str, log: Path, *flags: str) -> Iterator[Server]:
+    """start_server for a `with` block (a module fixture's body): stopped however the block ends."""
+    server = start_server(model_dir, log, *flags)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
 def stop_server(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.terminate()
@@ -128,10 +139,9 @@ def byte_decoder(model_dir: str) -> Callable[[list[int]], str]:
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-api") / "kvserve.log"
-    s = start_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-model-len", str(MAX_MODEL_LEN),
-                     "--max-num-seqs", "8", "--log-level", "warning")
-    yield s
-    stop_server(s)
+    with running_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--max-num-seqs", "8", "--log-level", "warning") as s:
+        yield s
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ def test_a_streamed_body_without_length_is_cut_at_the_limit():
     r = call(ServerSettings(max_request_bytes=1000), "POST", "/generate", content=chunks(),
              headers={"content-type": "application/json"})
     assert r.status_code == 413 and "1000 bytes" in r.json()["error"]
+    assert r.json()["error_type"] == "payload_too_large"   # the same shape as the Content-Length refusal
 
 
 def test_a_body_at_the_limit_passes():

@@ -2,7 +2,6 @@
 a dead engine ends the process non-zero, the API key and model aliases work end to end."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

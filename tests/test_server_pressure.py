@@ -11,7 +11,7 @@ import pytest
 
 from kvserve import AsyncEngine, EngineConfig
 from kvserve.server.app import create_app
-from test_server_api import start_server, stop_server
+from test_server_api import running_server
 
 STREAM = {"inputs": "steady", "parameters": {"max_new_tokens": 160, "ignore_eos": True}}
 
@@ -19,9 +19,9 @@ STREAM = {"inputs": "steady", "parameters": {"max_new_tokens": 160, "ignore_eos"
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-pressure") / "kvserve.log"
-    s = start_server(demo_model_dir, log, "--num-kv-blocks", "128", "--max-num-seqs", "8", "--log-level", "warning")
-    yield s
-    stop_server(s)
+    with running_server(demo_model_dir, log, "--num-kv-blocks", "128", "--max-num-seqs", "8",
+                        "--log-level", "warning") as s:
+        yield s
 
 
 async def timed_stream(client: httpx.AsyncClient, started: asyncio.Event) -> tuple[str, float]:

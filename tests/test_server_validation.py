@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from test_server_api import MAX_MODEL_LEN, start_server, stop_server
+from test_server_api import MAX_MODEL_LEN, running_server
 
 ALIASES = ("demo", "alias")
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -26,10 +26,9 @@ SURROGATE = "\ud800"
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-validation") / "kvserve.log"
-    s = start_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-model-len", str(MAX_MODEL_LEN),
-                     "--max-num-seqs", "8", "--log-level", "warning", "--served-model-name", *ALIASES)
-    yield s
-    stop_server(s)
+    with running_server(demo_model_dir, log, "--num-kv-blocks", "64", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--max-num-seqs", "8", "--log-level", "warning", "--served-model-name", *ALIASES) as s:
+        yield s
 
 
 @pytest.fixture
