@@ -1,4 +1,13 @@
-"""LLMEngine: one step = schedule, run one packed forward, sample, detokenize, check stops."""
+"""The engine in two halves, as vLLM v1 splits it.
+
+EngineCore works in token ids: schedule, run one packed forward, sample, and end requests on their
+own tokens (EOS, stop token ids, max_tokens, max_model_len). It is what the engine process runs.
+OutputProcessor turns its per-step CoreOutputs into RequestOutputs: incremental detokenization,
+stop strings (a hit asks the core to stop the request), timings. It runs where the callers are.
+
+LLMEngine is both in one process (the offline LLM class): a stop string ends its request in the
+same step, exactly as a one-piece engine would.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch.profiler import record_function
 
@@ -28,18 +37,41 @@ from kvserve.scheduler.sequence import Sequence
 log = logging.getLogger("kvserve")
 
 
-@dataclass
-class RequestState:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    metrics: RequestMetrics
-    text: str = ""          # output text so far (cut at a stop string)
-    sent: int = 0           # characters of text already released
-    new_tokens: list[TokenInfo] = field(default_factory=list)
+class CoreOutput(NamedTuple):
+    """One request's news from one core step (a tuple on the wire between the processes)."""
+    request_id: str
+    token: int | None               # the token sampled this step; None when it ended without one
+    logprob: float
+    finish_reason: str | None       # eos, stop_token, length, abort, error, or None while running
+    stop_reason: str | int | None
+    num_cached_tokens: int
+    first_scheduled_time: float | None
+    error: str | None = None
 
 
-class LLMEngine:
+def validate_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+    """What a request must satisfy against this model: length and vocabulary."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty: at least one token is needed", param="prompt")
+    n = len(prompt_ids)
+    if n >= max_model_len:
+        raise PromptTooLongError(n, max_model_len)
+    if n + params.max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {n} tokens and {params.max_tokens} new tokens were asked for, "
+            f"{n + params.max_tokens} in all, but max_model_len is {max_model_len}; "
+            f"ask for at most {max_model_len - n} new tokens", param="max_tokens")
+    bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                                      param=name)
+
+
+class EngineCore:
     """Builds the pieces (model, KV pool, runner, sampler, cache manager, scheduler) and steps them."""
 
     def __init__(self, cfg: EngineConfig):
@@ -65,20 +97,15 @@ class LLMEngine:
         self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest())
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-        self.requests: dict[str, RequestState] = {}
-        self.special_ids = set(self.tokenizer.all_special_ids)
+        self.requests: dict[str, Sequence] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
-        self.finish_listeners: list[Callable[[RequestOutput], None]] = []
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         """fn(StepStats) after every step (from the thread that runs the engine)."""
         self.step_listeners.append(fn)
-
-    def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
-        self.finish_listeners.append(fn)
 
     def _max_model_len(self) -> int:
         model_max = loader.model_max_length(self.model_config)
@@ -97,58 +124,34 @@ class LLMEngine:
         return {**self.kv_pool.describe(), "prefix_caching": self.cfg.enable_prefix_caching}
 
     # requests
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
-
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty: at least one token is needed", param="prompt")
-        n = len(prompt_ids)
-        if n >= self.max_model_len:
-            raise PromptTooLongError(n, self.max_model_len)
-        if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens and {params.max_tokens} new tokens were asked for, "
-                f"{n + params.max_tokens} in all, but max_model_len is {self.max_model_len}; "
-                f"ask for at most {self.max_model_len - n} new tokens", param="max_tokens")
-        vocab = self.runner.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})",
-                                          param=name)
+        validate_request(prompt_ids, params, self.max_model_len, self.runner.vocab_size)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         seq = Sequence(request_id, prompt_ids, params, self.eos_token_ids, arrival_time)
-        self.requests[request_id] = RequestState(
-            seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-            StopStringMatcher(params.stop, params.include_stop_str_in_output), RequestMetrics(seq.arrival_time))
+        self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        state = self.requests.get(request_id)
-        if state is None:
+    def abort(self, request_id: str) -> CoreOutput | None:
+        seq = self.requests.get(request_id)
+        if seq is None:
             return None
-        self.scheduler.finish(state.seq, "abort")
-        return self._finish(state)
+        self.scheduler.finish(seq, "abort")
+        return self._ended(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # the step
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the forward, sample, detokenize. A request whose rows break the forward or
-        the sampling fails alone (its output carries the error); the others are not disturbed."""
+    def step(self) -> list[CoreOutput]:
+        """Schedule, run the forward, sample. A request whose rows break the forward or the sampling
+        fails alone (its output carries the error); the others are not disturbed."""
         t0 = time.perf_counter()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
@@ -165,78 +168,193 @@ class LLMEngine:
             if isinstance(result, Exception):
                 outputs.append(self._fail(seq, result))
         self.scheduler.update_computed(sched)
-        now = time.monotonic()
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
         self.num_steps += 1
-        with record_function("kvserve::detokenize"):
-            for seq, result in zip(sampled, results):
-                if isinstance(result, Exception):
-                    continue
-                self.generation_tokens += 1
-                state = self.requests[seq.request_id]
-                self._append(state, *result, now)
-                outputs.append(self._finish(state) if state.seq.is_finished else self._output(state))
+        for seq, result in zip(sampled, results):
+            if isinstance(result, Exception):
+                continue
+            self.generation_tokens += 1
+            token, logprob = result
+            self._append(seq, token, logprob)
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+            outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
+                                      seq.num_cached_tokens, seq.first_scheduled_time))
         if self.step_listeners:
             stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
                 fn(stats)
         return outputs
 
-    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+    def _fail(self, seq: Sequence, exc: Exception) -> CoreOutput:
         """End one request with an error that names what broke; its blocks are freed at once."""
         log.warning("request %s failed alone: %s: %s", seq.request_id, type(exc).__name__, exc)
         self.scheduler.finish(seq, "error")
-        return self._finish(self.requests[seq.request_id], error=f"{type(exc).__name__}: {exc}")
+        return self._ended(seq, f"{type(exc).__name__}: {exc}")
 
-    def _append(self, state: RequestState, token: int, logprob: float, now: float) -> None:
-        seq, params = state.seq, state.seq.params
+    def _ended(self, seq: Sequence, error: str | None = None) -> CoreOutput:
+        del self.requests[seq.request_id]
+        return CoreOutput(seq.request_id, None, 0.0, seq.finish_reason, seq.stop_reason, seq.num_cached_tokens,
+                          seq.first_scheduled_time, error)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        """The endings a token decides by itself; stop strings are the output processor's."""
+        params = seq.params
         seq.token_ids.append(token)
         seq.output_logprobs.append(logprob)
-        m = state.metrics
-        m.first_token_time = m.first_token_time or now
-        m.token_times.append(now)
-        piece = state.detok.add(token)
-        state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids))
-        state.text += piece
         n_out = seq.num_output_tokens
         if token in params.stop_token_ids and n_out >= params.min_tokens:
             return self.scheduler.finish(seq, "stop_token", token)
         if not params.ignore_eos and token in seq.eos_token_ids and n_out >= params.min_tokens:
             return self.scheduler.finish(seq, "eos", token)
-        hit = state.stops.check(state.text, len(piece))
-        if hit is not None and n_out >= params.min_tokens:
-            state.text = state.text[:hit[0]]
-            return self.scheduler.finish(seq, "stop", hit[1])
         if n_out >= params.max_tokens or len(seq) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
-    def _output(self, state: RequestState, finished: bool = False) -> RequestOutput:
-        seq = state.seq
-        state.metrics.first_scheduled_time = seq.first_scheduled_time
-        upto = len(state.text) if finished else max(state.sent, state.stops.releasable(state.text))
-        new_text, state.sent = state.text[state.sent:upto], upto
-        new_tokens, state.new_tokens = state.new_tokens, []
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, new_tokens, new_text, state.text[:upto],
-                             seq.output_token_ids, finished, seq.finish_reason, seq.stop_reason,
-                             seq.num_cached_tokens, state.metrics)
-
-    def _finish(self, state: RequestState, error: str | None = None) -> RequestOutput:
-        if state.seq.finish_reason != "stop":
-            tail = state.detok.flush()
-            state.text += tail
-            if tail and state.new_tokens:
-                state.new_tokens[-1].text += tail
-        state.metrics.finished_time = time.monotonic()
-        del self.requests[state.seq.request_id]
-        out = self._output(state, finished=True)
-        out.error = error
-        for fn in self.finish_listeners:
-            fn(out)
-        return out
+    def stop(self, request_id: str) -> None:
+        """End a request the output processor found a stop string in (no output: it has its own)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "stop")
 
     def stats(self) -> EngineStats:
         return EngineStats(
             **self.kv.usage(), num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, num_steps=self.num_steps)
+
+
+@dataclass
+class RequestState:
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""          # output text so far (cut at a stop string)
+    sent: int = 0           # characters of text already released
+    new_tokens: list[TokenInfo] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class OutputProcessor:
+    """CoreOutputs in, RequestOutputs out: detokenization, stop strings and timings, per request."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.states: dict[str, RequestState] = {}
+        self.finish_listeners: list[Callable[[RequestOutput], None]] = []
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+        self.states[request_id] = RequestState(
+            prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+            StopStringMatcher(params.stop, params.include_stop_str_in_output), RequestMetrics(arrival_time))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request here at once (the caller tells the core)."""
+        state = self.states.get(request_id)
+        if state is None:
+            return None
+        state.finish_reason = "abort"
+        return self._finish(request_id, state)
+
+    def process(self, outputs: list[CoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
+        """The step's RequestOutputs, and the ids of requests a stop string ended (the core must stop them)."""
+        results, stopped = [], []
+        for out in outputs:
+            state = self.states.get(out.request_id)
+            if state is None:        # ended here already (aborted, or a stop string one step earlier)
+                continue
+            state.num_cached_tokens = out.num_cached_tokens
+            state.metrics.first_scheduled_time = out.first_scheduled_time
+            reason = out.finish_reason
+            if out.token is not None and self._append(state, out.token, out.logprob, reason, now):
+                reason = "stop"
+                if out.finish_reason is None:
+                    stopped.append(out.request_id)
+            if reason is None:
+                results.append(self._output(out.request_id, state))
+                continue
+            if reason != "stop" or state.finish_reason is None:
+                state.finish_reason, state.stop_reason = reason, out.stop_reason
+            results.append(self._finish(out.request_id, state, out.error))
+        return results, stopped
+
+    def _append(self, state: RequestState, token: int, logprob: float, core_reason: str | None, now: float) -> bool:
+        """Add a token; True when a stop string ends the request here (it takes precedence over
+        max_tokens, not over EOS or a stop token id, which ended it before any text check)."""
+        state.token_ids.append(token)
+        m = state.metrics
+        m.first_token_time = m.first_token_time or now
+        m.token_times.append(now)
+        piece = state.detok.add(token)
+        state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids))
+        state.text += piece
+        if core_reason in ("eos", "stop_token", "abort", "error"):
+            return False
+        hit = state.stops.check(state.text, len(piece))
+        if hit is None or len(state.token_ids) < state.params.min_tokens:
+            return False
+        state.text = state.text[:hit[0]]
+        state.finish_reason, state.stop_reason = "stop", hit[1]
+        return True
+
+    def _output(self, request_id: str, state: RequestState, finished: bool = False) -> RequestOutput:
+        upto = len(state.text) if finished else max(state.sent, state.stops.releasable(state.text))
+        new_text, state.sent = state.text[state.sent:upto], upto
+        new_tokens, state.new_tokens = state.new_tokens, []
+        return RequestOutput(request_id, state.prompt_ids, new_tokens, new_text, state.text[:upto],
+                             list(state.token_ids), finished, state.finish_reason, state.stop_reason,
+                             state.num_cached_tokens, state.metrics)
+
+    def _finish(self, request_id: str, state: RequestState, error: str | None = None) -> RequestOutput:
+        if state.finish_reason != "stop":
+            tail = state.detok.flush()
+            state.text += tail
+            if tail and state.new_tokens:
+                state.new_tokens[-1].text += tail
+        state.metrics.finished_time = time.monotonic()
+        del self.states[request_id]
+        out = self._output(request_id, state, finished=True)
+        out.error = error
+        for fn in self.finish_listeners:
+            fn(out)
+        return out
+
+
+class LLMEngine(EngineCore):
+    """The core and its output processor in one process: what the offline LLM class steps."""
+
+    def __init__(self, cfg: EngineConfig):
+        super().__init__(cfg)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
+        self.output_processor.finish_listeners.append(fn)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = super().add_request(prompt_ids, params, request_id, arrival_time)
+        self.output_processor.add(request_id, prompt_ids, params, self.requests[request_id].arrival_time)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        if super().abort(request_id) is None:
+            return None
+        return self.output_processor.abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = super().step()
+        with record_function("kvserve::detokenize"):
+            outputs, stopped = self.output_processor.process(core_outputs, time.monotonic())
+        for request_id in stopped:
+            super().stop(request_id)
+        return outputs
