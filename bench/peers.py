@@ -91,23 +91,100 @@ def hf_generate_static(model, requests: list[Request], batch_size: int, device: 
                            f"own max_tokens count as output")
 
 
+# transformers' continuous-batching knobs by version. The config class and its field names moved:
+#   5.0-5.4   no ContinuousBatchingConfig; num_blocks / block_size / max_batch_tokens are GenerationConfig
+#             attributes, and continuous_batching_context_manager takes neither the config nor `warmup`
+#   5.5-5.17  ContinuousBatchingConfig(block_size=, num_blocks=, max_batch_tokens=)
+#   later     ContinuousBatchingConfig(page_size=, ...), block_size kept only as a deprecated field
+# Each knob maps to the first name the installed version accepts; one it lacks keeps transformers' default.
+CB_KNOB_NAMES = {"page_size": ("page_size", "block_size"), "num_blocks": ("num_blocks",),
+                 "max_batch_tokens": ("max_batch_tokens",)}
+LEGACY_GENERATION_CONFIG_KNOBS = frozenset({"num_blocks", "block_size", "max_batch_tokens"})  # 5.0-5.4
+
+
+def accepted_names(target) -> set[str]:
+    """Keyword names a class or callable accepts: a dataclass's init fields, else its signature's named
+    parameters (a **kwargs catch-all is not counted: what it does with unknown names varies)."""
+    import dataclasses
+    import inspect
+    if isinstance(target, type) and dataclasses.is_dataclass(target):
+        return {f.name for f in dataclasses.fields(target) if f.init}
+    params = inspect.signature(target).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def map_knobs(wanted: dict, accepted: set[str], where: str) -> tuple[dict, list[str]]:
+    """`wanted` under the names in `accepted` (CB_KNOB_NAMES gives the aliases), and a note per knob dropped."""
+    kwargs, notes = {}, []
+    for knob, value in wanted.items():
+        name = next((n for n in CB_KNOB_NAMES.get(knob, (knob,)) if n in accepted), None)
+        if name is None:
+            notes.append(f"{where} has no {knob} (nor an alias of it); transformers' default is used")
+        else:
+            kwargs[name] = value
+    return kwargs, notes
+
+
+def hf_cb_settings(num_blocks: int, page_size: int, max_batch_tokens: int) -> dict:
+    """How to pass the knobs to the installed transformers' continuous batching.
+
+    Returns {"config_kwargs": kwargs for ContinuousBatchingConfig, or None when the version has none;
+    "generation_kwargs": extra GenerationConfig attributes (the 5.0-5.4 way); "notes": knobs dropped}.
+    """
+    import transformers
+    wanted = {"num_blocks": num_blocks, "page_size": page_size, "max_batch_tokens": max_batch_tokens}
+    cls = _cb_config_class()
+    if cls is not None:
+        kwargs, notes = map_knobs(wanted, accepted_names(cls), f"ContinuousBatchingConfig "
+                                                               f"(transformers {transformers.__version__})")
+        return {"config_kwargs": kwargs, "generation_kwargs": {}, "notes": notes}
+    kwargs, notes = map_knobs(wanted, set(LEGACY_GENERATION_CONFIG_KNOBS),
+                              f"GenerationConfig (transformers {transformers.__version__})")
+    return {"config_kwargs": None, "generation_kwargs": kwargs, "notes": notes}
+
+
+def _cb_config_class():
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    except ImportError:
+        return None
+    return ContinuousBatchingConfig
+
+
+def call_accepting(fn, **kwargs):
+    """fn(**kwargs) without the keywords fn's signature does not name (logged at debug level)."""
+    names = accepted_names(fn)
+    dropped = sorted(set(kwargs) - names)
+    if dropped:
+        log.debug("%s does not take %s; left out", getattr(fn, "__qualname__", fn), ", ".join(dropped))
+    return fn(**{k: v for k, v in kwargs.items() if k in names})
+
+
 def hf_continuous_batching(model, requests: list[Request], device: str, *, num_blocks: int, page_size: int,
                            max_batch_tokens: int, desc: str = "generate_batch()") -> RunResult:
-    """transformers' continuous batching: the manager behind generate_batch(), one max_new_tokens per request."""
+    """transformers' continuous batching: the manager behind generate_batch(), one max_new_tokens per request.
+
+    Works on every transformers 5.x: the knobs go under the names the installed version uses
+    (`hf_cb_settings`), and the context manager and add_request get only the keywords they accept.
+    """
     import torch
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    settings = hf_cb_settings(num_blocks, page_size, max_batch_tokens)
+    for note in settings["notes"]:
+        log.warning("%s: %s", desc, note)
     gen_cfg = GenerationConfig(max_new_tokens=max(r.max_tokens for r in requests), do_sample=False,
-                               eos_token_id=-1, pad_token_id=model.config.pad_token_id or 0)
-    cb_cfg = ContinuousBatchingConfig(num_blocks=num_blocks, page_size=page_size, max_batch_tokens=max_batch_tokens)
+                               eos_token_id=-1, pad_token_id=model.config.pad_token_id or 0,
+                               **settings["generation_kwargs"])
+    cm_kwargs = dict(generation_config=gen_cfg, block=True, timeout=30, warmup=device != "cpu")
+    if settings["config_kwargs"] is not None:
+        cm_kwargs["continuous_batching_config"] = _cb_config_class()(**settings["config_kwargs"])
+    knobs = settings["config_kwargs"] if settings["config_kwargs"] is not None else settings["generation_kwargs"]
     results, computed = {}, 0
     synchronize(device)
     start = time.perf_counter()
-    with torch.no_grad(), model.continuous_batching_context_manager(
-            generation_config=gen_cfg, continuous_batching_config=cb_cfg, block=True, timeout=30,
-            warmup=device != "cpu") as manager:
-        ids = [manager.add_request(r.prompt_token_ids, request_id=f"r{i}", max_new_tokens=r.max_tokens,
-                                   eos_token_id=-1) for i, r in enumerate(requests)]
+    with torch.no_grad(), call_accepting(model.continuous_batching_context_manager, **cm_kwargs) as manager:
+        ids = [call_accepting(manager.add_request, input_ids=r.prompt_token_ids, request_id=f"r{i}",
+                              max_new_tokens=r.max_tokens, eos_token_id=-1) for i, r in enumerate(requests)]
         bar = progress(total=len(requests), desc=desc, unit="req")
         while len(results) < len(ids):
             res = manager.get_result(timeout=1)
@@ -129,8 +206,8 @@ def hf_continuous_batching(model, requests: list[Request], device: str, *, num_b
         log.warning("%s: %d requests did not produce exactly max_tokens", desc, len(short))
     useful = sum(min(len(results[i].generated_tokens), r.max_tokens) for i, r in zip(ids, requests))
     return RunResult(desc, elapsed, useful, computed, sum(len(r.prompt_token_ids) for r in requests),
-                     len(requests), notes=f"continuous batching, page_size {page_size}, num_blocks {num_blocks}, "
-                                          f"max_batch_tokens {max_batch_tokens}")
+                     len(requests), notes="continuous batching, " + ", ".join(f"{k} {v}" for k, v in knobs.items())
+                     + "".join(f"; {n}" for n in settings["notes"]))
 
 
 # kvserve

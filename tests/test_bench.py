@@ -70,3 +70,68 @@ def test_progress_logs_every_interval_and_wraps_iterables(caplog):
                                                            "slow: 3/1000 it (0%)"]
     assert items == [0, 1, 2, 3]
     assert lines[-1].startswith("list: 4/4 it (100%) done")
+
+
+# transformers' continuous-batching knobs across versions (the throughput bench's generate_batch peer)
+
+def test_cb_knobs_map_to_each_versions_names():
+    from dataclasses import dataclass
+
+    from kvserve.bench.peers import accepted_names, map_knobs
+
+    @dataclass
+    class Newer:                                   # transformers after 5.17: page_size, block_size deprecated
+        page_size: int = 256
+        num_blocks: int | None = None
+        max_batch_tokens: int | None = None
+        block_size: int | None = None
+
+    @dataclass
+    class V517:                                    # transformers 5.5-5.17: block_size
+        block_size: int = 256
+        num_blocks: int | None = None
+        max_batch_tokens: int | None = None
+
+    class Bare:                                    # a version without the knob at all
+        def __init__(self, num_blocks=None, **kwargs):
+            pass
+
+    wanted = {"num_blocks": 40, "page_size": 32, "max_batch_tokens": 128}
+    assert map_knobs(wanted, accepted_names(Newer), "x") == ({"num_blocks": 40, "page_size": 32,
+                                                              "max_batch_tokens": 128}, [])
+    assert map_knobs(wanted, accepted_names(V517), "x")[0] == {"num_blocks": 40, "block_size": 32,
+                                                               "max_batch_tokens": 128}
+    kwargs, notes = map_knobs(wanted, accepted_names(Bare), "Bare")
+    assert kwargs == {"num_blocks": 40}           # **kwargs does not count as accepting a name
+    assert len(notes) == 2 and all("default is used" in n for n in notes)
+
+
+def test_cb_settings_construct_the_installed_versions_config():
+    from kvserve.bench.peers import _cb_config_class, hf_cb_settings
+
+    settings = hf_cb_settings(num_blocks=40, page_size=32, max_batch_tokens=128)
+    assert settings["notes"] == []
+    cls = _cb_config_class()
+    if cls is None:                                # transformers 5.0-5.4: GenerationConfig attributes
+        assert settings["generation_kwargs"] == {"num_blocks": 40, "block_size": 32, "max_batch_tokens": 128}
+        return
+    cfg = cls(**settings["config_kwargs"])         # the crash of issue 18 was a TypeError here
+    page = getattr(cfg, "page_size", None) or getattr(cfg, "block_size", None)
+    assert (cfg.num_blocks, page, cfg.max_batch_tokens) == (40, 32, 128)
+
+
+def test_generate_batch_peer_runs_on_the_installed_transformers(tiny_model_factory):
+    from kvserve.bench.common import Request
+    from kvserve.bench.peers import _cb_config_class, hf_continuous_batching, load_hf_model
+
+    if _cb_config_class() is None:
+        pytest.skip("transformers 5.0-5.4's continuous batching cannot size a cache on a CPU (no memory total)")
+    model = load_hf_model(tiny_model_factory("llama"), "cpu", "float32")
+    reqs = [Request([5 + i, 6, 7, 8, 9, 10], 3 + 2 * i) for i in range(4)]
+    try:
+        res = hf_continuous_batching(model, reqs, "cpu", num_blocks=16, page_size=16, max_batch_tokens=64)
+    except RuntimeError as exc:                    # transformers <= 5.17 sizes its CPU cache with psutil
+        if "available memory 0" in str(exc):
+            pytest.skip(f"transformers' continuous batching cannot size a CPU cache here: {exc}")
+        raise
+    assert res.output_tokens == res.computed_tokens == sum(r.max_tokens for r in reqs)
