@@ -1,108 +1,122 @@
-"""AsyncEngine: the LLMEngine in a background thread, with asyncio streams of outputs per request."""
+"""AsyncEngine: the engine core in its own process, with asyncio streams of outputs per request.
+
+This process (the API's) keeps what touches clients: validation, tokenization, the output
+processor (detokenization, stop strings, timings) and one asyncio queue per request. The engine
+process (kvserve.engine_proc) keeps the model. Between them, two pipes carry batches:
+
+  writer thread   the commands of many callers in one message
+  reader thread   one message per engine step, processed here for every request at once, then
+                  handed to each event loop in one call (one wake-up per step, not per token)
+
+The engine process dying (a crash, the OOM killer, a fatal CUDA error) ends the reader's pipe:
+every caller gets EngineDeadError and the death listeners run, so the server exits non-zero.
+"""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import pickle
 import queue
+import subprocess
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Callable
 
+from kvserve import engine_proc
 from kvserve.config import EngineConfig
-from kvserve.engine import LLMEngine
+from kvserve.engine import CoreOutput, OutputProcessor, validate_request
 from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from kvserve.outputs import EngineStats, RequestOutput, StepStats
 from kvserve.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve")
+_CLOSE = object()
 
 
 class AsyncEngine:
-    """Thread-safe add / stream / abort. The engine thread never waits on a client: each request's
-    outputs go into its own unbounded asyncio queue on the caller's event loop.
-
-    The engine thread also builds the engine, so it is the only thread that ever runs torch ops.
-    On CPU, torch's OpenMP gives every thread that runs a parallel op its own team of workers; once
-    a second team exists (say, the loading thread's) there are more OpenMP threads than cores and
-    libgomp stops spinning between ops, so each op pays a futex wake-up. Measured on 2 cores: a
-    decode step of 14.9 ms took 19.4-20.7 ms when the engine had been built on another thread.
-    """
+    """Thread-safe add / stream / abort. Neither process ever waits on a client: each request's
+    outputs go into its own unbounded asyncio queue on the caller's event loop."""
 
     def __init__(self, cfg: EngineConfig, max_waiting_requests: int = 1024):
-        """Builds the engine on its own thread and returns once it is loaded (raising its error)."""
-        self.engine: LLMEngine
+        """Starts the engine process and returns once it has loaded the model (raising its error)."""
+        from kvserve import loader   # the tokenizer loads here while the engine process loads the model
+        self.cfg = cfg
         self.max_waiting_requests = max_waiting_requests
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._proc, self._commands, self._results = engine_proc.start(
+            cfg, logging.getLogger("kvserve").getEffectiveLevel())
+        atexit.register(engine_proc.wait_for_exit, self._proc, 0.0)   # never left running by a forgotten engine
+        try:
+            self.tokenizer = loader.load_tokenizer(cfg)
+            message = self._results.recv_bytes()
+        except EOFError:
+            self._proc.wait(5.0)
+            raise RuntimeError(f"the engine process exited with code {self._proc.returncode} while loading "
+                               f"{cfg.model} (its log above says why)") from None
+        except BaseException:
+            engine_proc.wait_for_exit(self._proc, 0.0)
+            raise
+        kind, *body = pickle.loads(message)
+        if kind == "error":
+            engine_proc.wait_for_exit(self._proc, 5.0)
+            raise body[0]
+        info, self._stats = body
+        self.max_model_len: int = info["max_model_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self.kv_info: dict = info["kv_info"]
+        self.model_config = info["model_config"]
+        self.pid: int = info["pid"]            # the engine process
+
+        self._processor = OutputProcessor(self.tokenizer)
+        self._lock = threading.Lock()           # guards the processor and the streams
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.RLock()          # guards engine state; listeners may call stats()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._adds_sent = 0                     # written by callers only
-        self._adds_taken = 0                    # written by the engine thread only
+        self._adds_taken = 0                    # as the engine process last reported it
         self._stopping = False
         self._started = threading.Event()
         self.dead_error: BaseException | None = None
+        self._step_listeners: list[Callable[[StepStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []
-        self._stats: EngineStats | None = None   # published by the engine thread after every step
-        built = threading.Event()
-        build_error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._main, args=(cfg, built, build_error), name="kvserve-engine",
-                                        daemon=True)
-        self._thread.start()
-        built.wait()
-        if build_error:
-            self._thread.join()
-            raise build_error[0]
+        self._writer = threading.Thread(target=self._write, name="kvserve-engine-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="kvserve-engine-reader", daemon=True)
+        self._writer.start()
+        self._reader.start()
 
     # the engine's description
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_config(self):
-        return self.engine.model_config
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def kv_info(self) -> dict:
-        return self.engine.kv_info
-
-    @property
     def model_id(self) -> str:
-        return self.engine.cfg.model
+        return self.cfg.model
 
     @property
     def is_running(self) -> bool:
-        return (self._started.is_set() and self._thread.is_alive() and self.dead_error is None
-                and not self._stopping)
+        return (self._started.is_set() and self.dead_error is None and not self._stopping
+                and self._proc.poll() is None)
 
     def encode(self, text: str) -> list[int]:
-        return self.engine.encode(text)
+        return self.tokenizer.encode(text)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_ids, params)
+        validate_request(prompt_ids, params, self.max_model_len, self.vocab_size)
 
     def stats(self) -> EngineStats:
-        """The snapshot the engine thread published after its last step: never waits for a step."""
-        return self._stats if self._stats is not None else self.engine.stats()
+        """The snapshot the engine process sent with its last step: never waits for a step."""
+        return self._stats
 
     def num_unfinished(self) -> int:
         return len(self._streams)
 
-    def _num_waiting(self) -> int:
-        return self._stats.num_waiting if self._stats is not None else 0
-
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
-        self.engine.add_step_listener(fn)
+        """fn(StepStats) after every engine step (from the reader thread)."""
+        self._step_listeners.append(fn)
 
     def add_finish_listener(self, fn: Callable[[RequestOutput], None]) -> None:
-        self.engine.add_finish_listener(fn)
+        """fn(RequestOutput) for every request that ends, aborted ones included."""
+        self._processor.finish_listeners.append(fn)
 
     def add_death_listener(self, fn: Callable[[BaseException], None]) -> None:
-        """fn(error) once, from the engine thread, if the engine dies (after every request was failed)."""
+        """fn(error) once, from the reader thread, if the engine dies (after every request was failed)."""
         self._death_listeners.append(fn)
 
     # lifecycle
@@ -110,10 +124,14 @@ class AsyncEngine:
         self._started.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what runs, stop the engine process (terminate, then kill, if it does not exit)."""
         self._stopping = True
-        self._wake.set()
-        self._started.set()       # a thread still waiting to start goes straight to stopping
-        self._thread.join(timeout)
+        self._started.set()
+        self._outbox.put(("shutdown",))
+        self._outbox.put(_CLOSE)
+        engine_proc.wait_for_exit(self._proc, timeout)
+        self._reader.join(timeout)
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
     # requests
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -123,20 +141,22 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
-        if self._adds_sent - self._adds_taken + self._num_waiting() >= self.max_waiting_requests:
+        if self._adds_sent - self._adds_taken + self._stats.num_waiting >= self.max_waiting_requests:
             raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting; "
                                         "try again later")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        arrival = time.monotonic()
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._processor.add(request_id, prompt_ids, params, arrival)
         if not self.is_running:   # died (or stopped) while we registered: nobody would answer us
-            self._streams.pop(request_id, None)
+            self._forget(request_id)
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         self._adds_sent += 1
-        self._inbox.put(("add", request_id, prompt_ids, params))
-        self._wake.set()
+        self._outbox.put(("add", request_id, prompt_ids, params, arrival))
         finished = False
         try:
             while True:
@@ -150,92 +170,106 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
-            self._streams.pop(request_id, None)
+            self._forget(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
-
-    # the engine thread
-    def _main(self, cfg: EngineConfig, built: threading.Event, build_error: list[BaseException]) -> None:
-        try:
-            self.engine = LLMEngine(cfg)
-        except BaseException as exc:
-            build_error.append(exc)
-            return
-        finally:
-            built.set()
-        self._started.wait()
-        self._run()
-
-    def _run(self) -> None:
-        try:
-            self._publish_stats()
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.engine.has_unfinished():
-                    self._publish_stats()
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                with self._lock:
-                    outputs = self.engine.step()
-                    self._publish_stats()
-                for out in outputs:
-                    self._deliver(out)
-            self._abort_all()
-            self._fail_all(EngineDeadError("the engine was shut down"))
-        except BaseException as exc:  # the engine died: fail every request, /health turns red
-            log.exception("the engine loop died")
-            self.dead_error = exc
-            self._fail_all(EngineDeadError(f"the engine died: {exc!r}"))
-            for fn in self._death_listeners:
-                fn(exc)
-
-    def _publish_stats(self) -> None:
-        self._stats = self.engine.stats()
-
-    def _fail_all(self, error: EngineDeadError) -> None:
-        """Every caller still waiting gets the error, those whose add is still in the inbox too."""
-        self._stopping = True
-        for loop, stream in list(self._streams.values()):
-            loop.call_soon_threadsafe(stream.put_nowait, error)
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                if cmd[0] == "add":
-                    self._adds_taken += 1
-                    _, request_id, prompt_ids, params = cmd
-                    if request_id in self._streams:
-                        try:
-                            self.engine.add_request(prompt_ids, params, request_id)
-                        except Exception as exc:
-                            self._deliver_error(request_id, exc)
-                else:
-                    out = self.engine.abort(cmd[1])
-                    if out is not None:
-                        self._deliver(out)
-
-    def _abort_all(self) -> None:
+        """End a request now (its finish listeners see "abort") and free its blocks in the engine."""
         with self._lock:
-            for request_id in list(self.engine.requests):
-                out = self.engine.abort(request_id)
-                if out is not None:
-                    self._deliver(out)
+            self._processor.abort(request_id)
+        self._outbox.put(("abort", request_id))
 
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._streams.get(out.request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, out)
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._processor.states.pop(request_id, None)
 
-    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+    # the two pipe threads
+    def _write(self) -> None:
+        """Send queued commands, all that wait in one message."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            close = batch[-1] is _CLOSE
+            batch = [cmd for cmd in batch if cmd is not _CLOSE]
+            try:
+                if batch:
+                    self._commands.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:   # the engine process is gone; the reader reports it
+                return
+            if close:
+                self._commands.close()
+                return
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = pickle.loads(self._results.recv_bytes())
+                if message[0] == "dead":
+                    raise RuntimeError(f"the engine process died: {message[1]}")
+                self._on_step(*message[1:])
+        except (EOFError, OSError, RuntimeError) as exc:
+            if self._stopping and not isinstance(exc, RuntimeError):
+                return
+            try:
+                self._proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            error = exc if isinstance(exc, RuntimeError) else RuntimeError(
+                f"the engine process exited (code {self._proc.returncode})")
+            self._die(error)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers waiting
+            log.exception("the engine reader died")
+            self._die(exc)
+
+    def _on_step(self, outputs: list, stats: EngineStats, step_stats: StepStats | None, adds_taken: int) -> None:
+        now = time.monotonic()
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            refused = [out for out in outputs if not isinstance(out, CoreOutput)]   # (request_id, error)
+            results, stopped = self._processor.process([out for out in outputs if isinstance(out, CoreOutput)], now)
+            for request_id, exc in refused:
+                self._processor.states.pop(request_id, None)
+                self._queue_for(deliveries, request_id, exc)
+            for out in results:
+                self._queue_for(deliveries, out.request_id, out)
+        for request_id in stopped:
+            self._outbox.put(("stop", request_id))
+        self._stats, self._adds_taken = stats, adds_taken
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        if step_stats is not None:
+            for fn in self._step_listeners:
+                fn(step_stats)
+
+    def _queue_for(self, deliveries: dict, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, exc)
+            deliveries.setdefault(target[0], []).append((target[1], item))
+
+    def _die(self, error: BaseException) -> None:
+        log.error("the engine died: %s", error)
+        self.dead_error = error
+        self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
+        self._outbox.put(_CLOSE)
+        for fn in self._death_listeners:
+            fn(error)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        """Every caller still waiting gets the error, those whose add is still in the pipe too."""
+        self._stopping = True
+        with self._lock:
+            targets = list(self._streams.values())
+        for loop, stream in targets:
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, error)
+            except RuntimeError:   # that caller's loop is closed
+                pass
+
+
+def _put_all(items: list) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

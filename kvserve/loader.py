@@ -44,8 +44,7 @@ def load(cfg: EngineConfig):
     log.info("loading %s (dtype %s, device %s)", cfg.model, str(dtype).removeprefix("torch."), device)
     hf_config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision,
                                            trust_remote_code=cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
-                                              trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, revision=cfg.revision, dtype=dtype, attn_implementation=ATTN_NAME,
         trust_remote_code=cfg.trust_remote_code, device_map=str(device) if device.type == "cuda" else None)
@@ -55,6 +54,11 @@ def load(cfg: EngineConfig):
              time.perf_counter() - t0, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, transformers.__version__)
     return model, tokenizer, hf_config, device, dtype
+
+
+def load_tokenizer(cfg: EngineConfig):
+    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code)
 
 
 def _skip_padding_check(model) -> None:

@@ -174,32 +174,26 @@ def test_async_engine_streams_aborts_and_reports(demo_model_dir):
     assert not engine.is_running
 
 
-def test_async_engine_runs_all_torch_work_on_its_own_thread(demo_model_dir, monkeypatch):
-    """Loading and every step happen on the engine thread, never on the caller's: on CPU a second
-    thread with its own OpenMP team makes every torch op of the engine pay a futex wake-up."""
+def test_async_engine_runs_the_model_in_its_own_process(demo_model_dir):
+    """The engine core lives in a child process (its own GIL); this process only tokenizes,
+    detokenizes and streams. Shutdown ends the child."""
+    import os
     import threading
 
-    from kvserve.engine import LLMEngine
-    seen = []
-    build = LLMEngine.__init__
-
-    def recording_init(self, cfg):
-        seen.append(("build", threading.current_thread().name))
-        build(self, cfg)
-
-    monkeypatch.setattr(LLMEngine, "__init__", recording_init)
     engine = AsyncEngine(EngineConfig(model=demo_model_dir, block_size=8, num_kv_blocks=64))
-    engine.add_step_listener(lambda stats: seen.append(("step", threading.current_thread().name)))
+    steps = []
+    engine.add_step_listener(lambda stats: steps.append(threading.current_thread().name))
     engine.start()
+    assert engine.pid != os.getpid() and engine._proc.poll() is None
 
     async def run():
-        async for _ in engine.generate("threads", SamplingParams(max_tokens=3, ignore_eos=True)):
-            pass
+        return [out async for out in engine.generate("process", SamplingParams(max_tokens=3, ignore_eos=True))]
 
-    asyncio.run(run())
+    outs = asyncio.run(run())
     engine.shutdown()
-    assert seen[0] == ("build", "kvserve-engine")
-    assert {name for _, name in seen} == {"kvserve-engine"} and len(seen) > 2
+    assert outs[-1].finished and len(outs[-1].token_ids) == 3
+    assert steps and set(steps) == {"kvserve-engine-reader"}
+    assert engine._proc.poll() == 0 and not engine.is_running
 
 
 def test_presence_and_frequency_penalties_follow_openai():

@@ -1,0 +1,151 @@
+"""The engine core's process: it owns the model, the GPU and the scheduler, and talks in batches.
+
+The API process (kvserve.async_engine) does HTTP, validation, tokenization and detokenization; this
+process only steps the EngineCore. Two one-way pipes join them, each message a pickled batch built
+by kvserve itself (client input crosses as ids and validated SamplingParams, never as code):
+
+  API -> core   a list of commands: ("add", id, prompt_ids, params, arrival_time), ("abort", id),
+                ("stop", id) (a stop string ended it), ("shutdown",)
+  core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
+                then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
+                commands that changed something while idle); ("dead", message) if the loop dies.
+
+The two never share a GIL, so a busy event loop cannot slow a step and a step cannot stall
+/health. If the API process goes away the pipe ends and this process exits; if this process dies
+the API process sees its pipe end, fails every request and exits non-zero.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+
+log = logging.getLogger("kvserve")
+
+# The child runs `python -c` with the parent's sys.path, not `multiprocessing`'s spawn: spawn
+# re-imports the caller's __main__, which breaks any user script without a __main__ guard.
+_BOOT = "import sys, json; sys.path[:] = json.loads(sys.argv[1]); from kvserve.engine_proc import _boot; _boot()"
+
+
+def start(cfg, log_level: int) -> tuple[subprocess.Popen, Connection, Connection]:
+    """Start the engine process: returns it, the connection that sends it commands and the one
+    its results arrive on. Its first message is "ready" or "error"."""
+    commands_r, commands_w = os.pipe()
+    results_r, results_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(sys.path), str(commands_r), str(results_w)],
+                                pass_fds=(commands_r, results_w), stdin=subprocess.DEVNULL)
+    finally:
+        os.close(commands_r)
+        os.close(results_w)
+    commands = Connection(commands_w, readable=False)
+    commands.send_bytes(pickle.dumps((cfg, log_level), protocol=pickle.HIGHEST_PROTOCOL))
+    return proc, commands, Connection(results_r, writable=False)
+
+
+def _boot() -> None:
+    commands = Connection(int(sys.argv[2]), writable=False)
+    results = Connection(int(sys.argv[3]), readable=False)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole group: the API process decides
+    cfg, log_level = pickle.loads(commands.recv_bytes())
+    main(cfg, commands, results, log_level)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the API process dies, even while the model loads."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(cfg, commands: Connection, results: Connection, log_level: int) -> None:
+    """The engine process: load, say ready (or why not), then serve commands until told to stop."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    from kvserve.engine import EngineCore   # torch and transformers load here, in this process
+    try:
+        core = EngineCore(cfg)
+    except BaseException as exc:   # noqa: BLE001 - every load failure goes back to the caller
+        _send(results, ("error", _portable(exc)))
+        raise SystemExit(1) from None
+    info = {"max_model_len": core.max_model_len, "vocab_size": core.runner.vocab_size, "kv_info": core.kv_info,
+            "model_config": core.model_config, "pid": os.getpid()}
+    _send(results, ("ready", info, core.stats()))
+    try:
+        _loop(core, commands, results)
+    except (EOFError, BrokenPipeError):   # the API process is gone: nothing is left to serve
+        raise SystemExit(0) from None
+    except BaseException as exc:          # noqa: BLE001 - the engine died: say so, exit non-zero
+        log.exception("the engine loop died")
+        try:
+            _send(results, ("dead", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+def _loop(core, commands: Connection, results: Connection) -> None:
+    adds_taken = 0
+    step_stats: list = []
+    core.add_step_listener(step_stats.append)
+    while True:
+        outputs, changed = [], False
+        # wait for work only when there is none; otherwise just take what has arrived
+        while commands.poll(None if not core.has_unfinished() and not changed else 0):
+            for cmd in pickle.loads(commands.recv_bytes()):
+                kind = cmd[0]
+                if kind == "add":
+                    adds_taken += 1
+                    _, request_id, prompt_ids, params, arrival = cmd
+                    try:
+                        core.add_request(prompt_ids, params, request_id, arrival)
+                    except Exception as exc:  # noqa: BLE001 - refused alone (the API validated it already)
+                        outputs.append((request_id, _portable(exc)))
+                elif kind == "abort":
+                    out = core.abort(cmd[1])
+                    if out is not None:
+                        outputs.append(out)
+                elif kind == "stop":
+                    core.stop(cmd[1])
+                elif kind == "shutdown":
+                    outputs += [core.abort(request_id) for request_id in list(core.requests)]
+                    _send(results, ("step", outputs, core.stats(), None, adds_taken))
+                    return
+            changed = True
+        if core.has_unfinished():
+            outputs += core.step()
+        if outputs or changed or step_stats:    # an empty schedule (nothing fits yet) sends nothing
+            _send(results, ("step", outputs, core.stats(), step_stats[-1] if step_stats else None, adds_taken))
+        step_stats.clear()
+
+
+def _send(conn: Connection, message) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def wait_for_exit(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait, then terminate, then kill: the engine process never outlives a shutdown."""
+    for stop in (None, proc.terminate, proc.kill):
+        if stop is not None:
+            stop()
+        try:
+            proc.wait(timeout if stop is None else 2.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
