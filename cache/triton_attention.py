@@ -26,9 +26,13 @@ num_splits=None picks splits from block_tables.shape[1] (no device sync), so a C
 capture a decode whose tables are padded to a fixed width.
 """
 
+import contextlib
 import functools
+import inspect
 import math
 import os
+import threading
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -42,8 +46,39 @@ except ImportError:  # keeps the module importable; is_available() reports False
         constexpr = None
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # read as triton.jit reads it: at decoration time
+
+# Launch arguments Triton must not specialize, per kernel (filled by _kernel): every integer whose value
+# varies between steps of one server (strides of the step's q/k/v/out views: transformers hands q as a
+# contiguous [1, H, T, D] tensor, so its head stride is T * D; the block-table width; num_splits; the
+# window), and every pointer that may be a slice at a num_decodes offset (so its 16-byte alignment
+# follows the parity of num_decodes). The KV-cache pointers and strides stay specialized: fixed for a
+# server's life, and their divisibility lets the cache loads vectorize.
+_UNSPECIALIZED: dict[str, tuple[frozenset, frozenset]] = {}
+_PARAMS: dict[str, tuple[str, ...]] = {}   # kernel name -> its non-constexpr parameters, in order
+
+
 def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
+
+
+def _kernel(do_not_specialize=(), do_not_specialize_on_alignment=()):
+    """triton.jit for a launched kernel, recording which arguments it leaves unspecialized."""
+    def wrap(fn):
+        dns, dnsoa = tuple(do_not_specialize), tuple(do_not_specialize_on_alignment)
+        params = inspect.signature(fn).parameters
+        _PARAMS[fn.__name__] = tuple(n for n, p in params.items() if "constexpr" not in str(p.annotation))
+        assert set(dns) | set(dnsoa) <= set(_PARAMS[fn.__name__]), fn.__name__
+        if triton is None:
+            _UNSPECIALIZED[fn.__name__] = (frozenset(dns), frozenset(dnsoa))
+            return fn
+        try:
+            jitted = triton.jit(fn, do_not_specialize=dns, do_not_specialize_on_alignment=dnsoa)
+        except TypeError:  # a Triton without do_not_specialize_on_alignment: pointers stay aligned-specialized
+            jitted, dnsoa = triton.jit(fn, do_not_specialize=dns), ()
+        _UNSPECIALIZED[fn.__name__] = (frozenset(dns), frozenset(dnsoa))
+        return jitted
+    return wrap
 
 
 _LOG2E = 1.4426950408889634
@@ -67,7 +102,8 @@ def is_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@_jit
+@_kernel(do_not_specialize=("stride_kt", "stride_kh", "stride_vt", "stride_vh"),
+         do_not_specialize_on_alignment=("key_ptr", "value_ptr", "slot_ptr"))
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -91,10 +127,27 @@ def _store_kv_kernel(
 
 
 @_jit
-def _tanh(x):
+def _tanh_exp(x):
     t = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]: never overflows
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
+
+
+@_jit
+def _tanh_libdevice(x):
+    return libdevice.tanh(x)
+
+
+# The soft-cap's tanh. Compiled: libdevice's (CUDA's tanhf, within 2 ulp; the exp form above loses
+# relative accuracy to cancellation for small |x| and runs on ex2.approx and an approximate division).
+# The interpreter has no libdevice, so it keeps the exp form.
+_tanh = _tanh_exp
+if triton is not None and not _INTERPRET:
+    try:
+        from triton.language.extra import libdevice
+        _tanh = _tanh_libdevice
+    except ImportError:
+        pass
 
 
 @_jit
@@ -248,7 +301,10 @@ def _attend(
     return acc, m, l
 
 
-@_jit
+@_kernel(do_not_specialize=("stride_qs", "stride_qh", "stride_bt", "stride_nt", "stride_nh", "stride_vt",
+                             "stride_vh", "stride_os", "stride_oh", "window", "num_splits"),
+         do_not_specialize_on_alignment=("q_ptr", "block_tables_ptr", "seq_lens_ptr", "key_ptr", "value_ptr",
+                                         "slot_ptr", "out_ptr", "part_out_ptr", "part_m_ptr", "part_l_ptr"))
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, key_ptr, value_ptr, slot_ptr,
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -304,7 +360,8 @@ def _decode_kernel(
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@_kernel(do_not_specialize=("stride_os", "stride_oh", "num_splits"),
+         do_not_specialize_on_alignment=("part_out_ptr", "part_m_ptr", "part_l_ptr", "out_ptr"))
 def _decode_reduce_kernel(
     part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_os, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -327,7 +384,10 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@_jit
+@_kernel(do_not_specialize=("stride_qt", "stride_qh", "stride_bt", "stride_nt", "stride_nh", "stride_vt",
+                             "stride_vh", "stride_ot", "stride_oh", "window"),
+         do_not_specialize_on_alignment=("q_ptr", "block_tables_ptr", "cu_seqlens_q_ptr", "seq_lens_ptr",
+                                         "key_ptr", "value_ptr", "slot_ptr", "out_ptr"))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, key_ptr, value_ptr,
     slot_ptr, out_ptr,
@@ -422,7 +482,263 @@ def _auto_num_splits(query: torch.Tensor, num_kv_heads: int, max_context: int) -
     sms = _sm_count(query.device) if query.is_cuda else 8
     programs = query.shape[0] * num_kv_heads
     wanted = math.ceil(2 * sms / max(programs, 1))
-    return max(1, min(wanted, max_context // 256, 32))
+    return max(1, min(wanted, max_context // 256, MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: what makes Triton compile, bounded, enumerable and recordable.
+#
+# Triton compiles one kernel per specialization key: the constexpr values (and launch options), the
+# type of every argument, and for arguments it specializes, an int's ==1 / %16 and a pointer's
+# 16-byte alignment. The kernels above leave every step-dependent argument unspecialized (see
+# _UNSPECIALIZED), so per model the constexprs alone pick the variant, and they take few values:
+#   decode: SPLIT in {False, True} (the reduce kernel has one variant: BLOCK_S is MAX_SPLITS);
+#   prefill: BLOCK_M in prefill_buckets() (at most 3), TOKENS_PER_TILE = BLOCK_M // GROUP;
+#   both: per layer kind USE_SOFTCAP / USE_WINDOW, and OFFSET_64 (fixed by the pool's size).
+# ---------------------------------------------------------------------------------------------
+
+# a decode table this wide (in tokens) splits whenever the GPU has room: _auto_num_splits wants >= 2 x 256
+WARMUP_SPLIT_CONTEXT = 1024
+MAX_SPLITS = 32   # most split-K parts of a decode (_auto_num_splits caps at it); the reduce kernel's BLOCK_S
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "u1", torch.float64: "fp64"}
+
+
+class VariantKey(NamedTuple):
+    """One compiled kernel variant, as Triton keys it (our view: independent of the Triton version).
+
+    constexprs: sorted (name, value) pairs, with the launch options num_warps / num_stages.
+    args: (name, spec) for every non-float argument in order: a pointer "*bf16" (alignment not
+    specialized) or "*bf16:D" / "*bf16:-" (16-byte aligned or not); an int "i32" (not specialized)
+    or "i32:1" / "i32:D" / "i32:-" (== 1, a multiple of 16, neither)."""
+    kernel: str
+    constexprs: tuple
+    args: tuple
+
+    def __str__(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{self.kernel}[{consts}]({','.join(f'{k}:{v}' for k, v in self.args)})"
+
+
+_recorder: set | None = None        # set while recording: every launch's VariantKey goes in
+_dry_threads: dict[int, set] = {}   # enumerating threads: their launches are keyed, not run
+_record_lock = threading.Lock()
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", str(kernel))
+
+
+def _arg_spec(value, specialize: bool, align: bool) -> str | None:
+    if isinstance(value, torch.Tensor):
+        ty = "*" + _DTYPE_NAMES.get(value.dtype, str(value.dtype))
+        return ty + (":D" if value.data_ptr() % 16 == 0 else ":-") if align else ty
+    if isinstance(value, bool):
+        return "u1"
+    if isinstance(value, int):
+        ty = "i32" if -2**31 <= value < 2**31 else "i64"
+        return ty + (":1" if value == 1 else ":D" if value % 16 == 0 else ":-") if specialize else ty
+    return None   # floats are never specialized
+
+
+def launch_key(kernel, args: tuple, constexprs: dict) -> VariantKey:
+    """The specialization key of launching `kernel` with positional `args` (its non-constexpr
+    parameters, in order) and keyword `constexprs` (constexprs and launch options)."""
+    name = _kernel_name(kernel)
+    dns, dnsoa = _UNSPECIALIZED[name]
+    specs = tuple((p, spec) for p, v in zip(_PARAMS[name], args)
+                  if (spec := _arg_spec(v, p not in dns, p not in dnsoa)) is not None)
+    return VariantKey(name, tuple(sorted(constexprs.items())), specs)
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict) -> None:
+    if _recorder is not None or _dry_threads:   # off: one global check per launch
+        key = launch_key(kernel, args, constexprs)
+        dry = _dry_threads.get(threading.get_ident())
+        if dry is not None:
+            dry.add(key)
+            return
+        if _recorder is not None:
+            with _record_lock:
+                _recorder.add(key)
+    kernel[grid](*args, **constexprs)
+
+
+@contextlib.contextmanager
+def record_variants():
+    """Record the VariantKey of every kernel launch (from any thread) while the block runs:
+    `with record_variants() as keys: ...` leaves the keys in the set `keys`. Off by default; when
+    off a launch pays one module-level check."""
+    global _recorder
+    previous, keys = _recorder, set()
+    _recorder = keys
+    try:
+        yield keys
+    finally:
+        if previous is not None:
+            previous.update(keys)
+        _recorder = previous
+
+
+def _bools(flag) -> tuple[bool, ...]:
+    if isinstance(flag, (str, bytes)) or not hasattr(flag, "__iter__"):
+        return (bool(flag),)
+    return tuple(sorted({bool(f) for f in flag}))
+
+
+def enumerate_variants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                       softcap=False, window=False, offset64=False) -> frozenset[VariantKey]:
+    """Every kernel variant a server of this attention shape can launch (the engine's fused calls).
+
+    softcap / window / offset64: a bool, or a collection of bools for all of them (e.g. Gemma-2's
+    sliding and global layers: window=(False, True)). Per (softcap, window, offset64): 2 decode
+    variants (split or not), 1 reduce, and one prefill per prefill_buckets() entry. The launches
+    are the wrappers' own, made on tiny CPU tensors in this thread without running."""
+    keys: set = set()
+    me = threading.get_ident()
+    _dry_threads[me] = keys
+    try:
+        group = num_heads // num_kv_heads
+        cache = torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype)
+        for cap in _bools(softcap):
+            for win in _bools(window):
+                kw = dict(sliding_window=4 if win else None, softcap=1.0 if cap else None)
+                for splits in (1, 2):
+                    q, k, v = _step_tensors(1, num_heads, num_kv_heads, head_dim, dtype)
+                    paged_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+                                           torch.ones(1, dtype=torch.int32), 1.0, num_splits=splits, key=k,
+                                           value=v, slot_mapping=torch.full((1,), -1), **kw)
+                for _, q_len in prefill_buckets(group, dtype, head_dim):
+                    q, k, v = _step_tensors(q_len, num_heads, num_kv_heads, head_dim, dtype)
+                    paged_prefill_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+                                            torch.tensor([0, q_len], dtype=torch.int32),
+                                            torch.tensor([q_len], dtype=torch.int32), 1.0, max_seqlen_q=q_len,
+                                            key=k, value=v, slot_mapping=torch.full((q_len,), -1), **kw)
+    finally:
+        del _dry_threads[me]
+    flags = _bools(offset64)
+    return frozenset(_with_constexpr(key, "OFFSET_64", off) if "OFFSET_64" in dict(key.constexprs) else key
+                     for key in keys for off in flags)
+
+
+def _with_constexpr(key: VariantKey, name: str, value) -> VariantKey:
+    return key._replace(constexprs=tuple((k, value if k == name else v) for k, v in key.constexprs))
+
+
+def _step_tensors(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """q, key, value as the attention interface hands them on: views of [1, heads, tokens, head_dim]."""
+    q = torch.zeros(1, num_heads, tokens, head_dim, dtype=dtype)[0].transpose(0, 1)
+    k = torch.zeros(1, num_kv_heads, tokens, head_dim, dtype=dtype)[0].transpose(0, 1)
+    return q, k, torch.zeros_like(k)
+
+
+def prefill_block_m(max_seqlen_q: int, group: int, dtype: torch.dtype, head_dim: int) -> int:
+    """The prefill tile height (rows = token x group head): a power of two from
+    max(16, next_pow2(group)) up to the config's BLOCK_M, the smallest that holds the longest chunk."""
+    block_m_max = _config(_PREFILL_CONFIG, dtype, head_dim)["BLOCK_M"]
+    return max(16, min(block_m_max, _next_pow2(max_seqlen_q * group)), _next_pow2(group))
+
+
+@functools.lru_cache
+def prefill_buckets(group: int, dtype: torch.dtype, head_dim: int) -> tuple[tuple[int, int], ...]:
+    """(BLOCK_M, the smallest max_seqlen_q that selects it) for every tile height the prefill uses."""
+    out: dict[int, int] = {}
+    q_len = 1
+    while True:
+        block_m = prefill_block_m(q_len, group, dtype, head_dim)
+        out.setdefault(block_m, q_len)
+        if block_m == prefill_block_m(10**6, group, dtype, head_dim):
+            return tuple(sorted(out.items()))
+        q_len += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Late-compile detection
+# ---------------------------------------------------------------------------------------------
+
+_compiles = 0
+_compile_hook = None
+
+
+def _install_compile_hook() -> None:
+    global _compile_hook
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+        return
+    previous = runtime.jit_post_compile_hook
+
+    def hook(*args, **kwargs):
+        global _compiles
+        fn = kwargs.get("fn")
+        if getattr(fn, "module", None) == __name__ or getattr(fn, "jit_function", None) in _LAUNCHED:
+            _compiles += 1
+        return previous(*args, **kwargs) if previous is not None else None
+
+    try:
+        runtime.jit_post_compile_hook = hook
+        _compile_hook = hook
+    except Exception:  # a knob that refuses assignment: fall back to the JIT caches
+        pass
+
+
+def _cached_kernels() -> int:
+    """Entries in our kernels' JIT caches (Triton's per-device kernel dicts)."""
+    total = 0
+    for kernel in _LAUNCHED:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is not None:   # Triton >= 3.2: device -> (kernel_cache, ...)
+            for entry in list(caches.values()):
+                first = entry[0] if isinstance(entry, tuple) and entry else None
+                total += len(first) if isinstance(first, dict) else 0
+            continue
+        cache = getattr(kernel, "cache", None)   # older: device -> {key: kernel}
+        if isinstance(cache, dict):
+            total += sum(len(v) for v in cache.values() if isinstance(v, dict))
+    return total
+
+
+def num_compiles() -> int:
+    """Kernels of this module compiled (or loaded from Triton's disk cache, which is a new
+    specialization all the same) by this process. 0 under the interpreter or without Triton. Read
+    it before and after a step: any increase after warm-up is a late compile."""
+    if triton is None or _INTERPRET:
+        return 0
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if _compile_hook is not None and getattr(runtime, "jit_post_compile_hook", None) is _compile_hook:
+        return _compiles
+    return _cached_kernels()   # no hook, or someone replaced ours
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrappers
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _decode_constexprs(num_heads, num_kv_heads, head_dim, block_size, dtype, split, fused, offset64, softcap,
+                       window) -> dict:
+    group = num_heads // num_kv_heads
+    return dict(NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                BLOCK_M=max(16, _next_pow2(group)), BLOCK_D=max(16, _next_pow2(head_dim)), SPLIT=split, FUSED=fused,
+                OFFSET_64=offset64, USE_SOFTCAP=softcap, USE_WINDOW=window, DOT_PRECISION=_dot_precision(dtype),
+                UPCAST=_upcast_dot(dtype), **_config(_DECODE_CONFIG, dtype, head_dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _reduce_constexprs(num_heads, head_dim, num_splits) -> dict:
+    return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=max(MAX_SPLITS, _next_pow2(num_splits)),
+                BLOCK_D=max(16, _next_pow2(head_dim)), num_warps=4)
+
+
+@functools.lru_cache(maxsize=256)
+def _prefill_constexprs(group, head_dim, block_size, dtype, block_m, fused, offset64, softcap, window) -> dict:
+    config = _config(_PREFILL_CONFIG, dtype, head_dim)
+    del config["BLOCK_M"]
+    return dict(GROUP=group, TOKENS_PER_TILE=block_m // group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                BLOCK_M=block_m, BLOCK_D=max(16, _next_pow2(head_dim)), FUSED=fused, OFFSET_64=offset64,
+                USE_SOFTCAP=softcap, USE_WINDOW=window, DOT_PRECISION=_dot_precision(dtype),
+                UPCAST=_upcast_dot(dtype), **config)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -434,13 +750,12 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     assert k_cache.shape[2:] == (num_kv_heads, head_dim) and slot_mapping.shape == (num_tokens,)
     if num_tokens == 0:
         return
-    _store_kv_kernel[(num_tokens,)](
+    _launch(_store_kv_kernel, (num_tokens,), (
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
-    )
+    ), dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+            BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim)))
 
 
 def _new_kv(key, value, slot_mapping, num_tokens, k_cache):
@@ -477,7 +792,6 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     fused, key, value, slot_mapping, new_strides = _new_kv(key, value, slot_mapping, num_seqs, k_cache)
-    group = num_heads // num_kv_heads
     out = _output(query, out)
     if num_seqs == 0:
         return out
@@ -494,24 +808,18 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     else:
         part_out = part_m = part_l = out
     score_scale, cap_scale = _score_scales(scale, softcap)
-    block_d = max(16, _next_pow2(head_dim))
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), (
         query, k_cache, v_cache, block_tables, seq_lens, key, value, slot_mapping,
         out, part_out, part_m, part_l,
         query.stride(0), query.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *new_strides, out.stride(0), out.stride(1),
         score_scale, cap_scale, sliding_window or 0, num_splits,
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=max(16, _next_pow2(group)), BLOCK_D=block_d,
-        SPLIT=split, FUSED=fused, OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap),
-        USE_WINDOW=bool(sliding_window), DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype),
-        **_config(_DECODE_CONFIG, query.dtype, head_dim),
-    )
+    ), _decode_constexprs(num_heads, num_kv_heads, head_dim, block_size, query.dtype, split, fused,
+                          k_cache.numel() >= _OFFSET_64_FROM, bool(softcap), bool(sliding_window)))
     if split:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_next_pow2(num_splits), BLOCK_D=block_d, num_warps=4,
-        )
+        _launch(_decode_reduce_kernel, (num_seqs, num_heads),
+                (part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_splits),
+                _reduce_constexprs(num_heads, head_dim, num_splits))
     return out
 
 
@@ -539,21 +847,16 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         return out
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    config = _config(_PREFILL_CONFIG, query.dtype, head_dim)
-    block_m = max(16, min(config.pop("BLOCK_M"), _next_pow2(max_seqlen_q * group)), _next_pow2(group))
-    tokens_per_tile = block_m // group
+    block_m = prefill_block_m(max_seqlen_q, group, query.dtype, head_dim)
     score_scale, cap_scale = _score_scales(scale, softcap)
-    grid = (triton.cdiv(max_seqlen_q, tokens_per_tile), num_seqs, num_kv_heads)
-    _prefill_kernel[grid](
+    grid = (triton.cdiv(max_seqlen_q, block_m // group), num_seqs, num_kv_heads)
+    _launch(_prefill_kernel, grid, (
         query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, key, value, slot_mapping, out,
         query.stride(0), query.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *new_strides, out.stride(0), out.stride(1),
         score_scale, cap_scale, sliding_window or 0,
-        GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_D=max(16, _next_pow2(head_dim)), FUSED=fused,
-        OFFSET_64=k_cache.numel() >= _OFFSET_64_FROM, USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window),
-        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_upcast_dot(query.dtype), **config,
-    )
+    ), _prefill_constexprs(group, head_dim, block_size, query.dtype, block_m, fused,
+                           k_cache.numel() >= _OFFSET_64_FROM, bool(softcap), bool(sliding_window)))
     return out
 
 
@@ -566,3 +869,8 @@ def paged_attention_fused(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return paged_prefill_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                    sliding_window, softcap, max_seqlen_q, key=key, value=value,
                                    slot_mapping=slot_mapping)
+
+
+_LAUNCHED = (_decode_kernel, _decode_reduce_kernel, _prefill_kernel, _store_kv_kernel)
+if triton is not None and not _INTERPRET:
+    _install_compile_hook()
