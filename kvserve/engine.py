@@ -93,6 +93,7 @@ class EngineCore:
         if cfg.cuda_graphs or capture:
             self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),
                                            capture)
+        self.runner.warmup()
         identity = f"{cfg.model}|{cfg.revision}|{dtype}".encode()
         self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -24,6 +25,7 @@ class ModelRunner:
         self.device = kv_pool.spec.device
         self.vocab_size = model.config.get_text_config().vocab_size
         self.graphs: DecodeGraphs | None = None
+        self.warmup_variants: frozenset = frozenset()   # kernel variants launched by warmup()
 
     def init_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Decode through the padded static-buffer path; captured as CUDA graphs when `capture`
@@ -49,6 +51,10 @@ class ModelRunner:
             # a decode-only step: every row feeds one token and samples
             return self.graphs.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables,
                                    step.context_lens)
+        return self._forward(step)
+
+    def _forward(self, step: SchedulerOutput) -> torch.Tensor:
+        """The eager packed forward of one step (no CUDA graph)."""
         meta = self.backend.build_metadata(self.kv_pool, step.num_tokens, step.context_lens, step.num_decodes,
                                            step.block_tables, step.slot_mapping)
         last_token_of_row = _last_token_indices(step.num_tokens)
@@ -57,6 +63,58 @@ class ModelRunner:
                          logits_to_keep=upload([last_token_of_row[r] for r in step.sample_rows], self.device),
                          kv_meta=meta)
         return out.logits[0]
+
+    @torch.inference_mode()
+    def warmup(self) -> int:
+        """Compile every Triton kernel variant the eager path can meet, before serving: returns the
+        number of kernels compiled (0 under the interpreter), and leaves the variants the warm-up
+        launched in self.warmup_variants. A no-op for the torch backend.
+
+        Real forwards of synthetic steps through the eager path (so each layer kind, e.g. Gemma-2's
+        sliding and global layers, launches its own variants): every prefill tile height
+        (triton_attention.prefill_buckets) with 0, 1 and 2 decodes beside it (both parities of
+        num_decodes), a decode-only step, and a decode whose block table is wide enough to split.
+        Every token has slot -1 (nothing is written to the cache), every table points at block 0 and
+        every row's context is its own tokens, so nothing is read from the cache either. Decode-only
+        steps on CUDA graphs were compiled when the graphs were captured (same kernels)."""
+        if self.backend.name != "triton":
+            return 0
+        from kvserve.cache import triton_attention as ta
+        t0 = time.perf_counter()
+        compiled = ta.num_compiles()
+        spec = self.kv_pool.spec
+        cfg = self.model.config.get_text_config()
+        num_heads = cfg.num_attention_heads
+        group = max(1, num_heads // spec.num_kv_heads)
+        prefill_lens = [q for _, q in ta.prefill_buckets(group, spec.dtype, spec.head_dim)]
+        block_size = self.kv_pool.block_size
+        split_width = -(-ta.WARMUP_SPLIT_CONTEXT // block_size)
+        steps = []
+        for i in range(max(3, len(prefill_lens))):
+            steps.append(_synthetic_step([1] * (i % 3) + [prefill_lens[min(i, len(prefill_lens) - 1)]],
+                                         num_decodes=i % 3, width=1))
+        steps.append(_synthetic_step([1, 1], num_decodes=2, width=1))
+        steps.append(_synthetic_step([1], num_decodes=1, width=split_width))
+        with ta.record_variants() as keys:
+            for step in steps:
+                self._forward(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_variants = frozenset(keys)
+        compiled = ta.num_compiles() - compiled
+        log.info("Triton warm-up: %d steps, %d kernel variants, %d compiled, %.1fs", len(steps), len(keys),
+                 compiled, time.perf_counter() - t0)
+        return compiled
+
+
+def _synthetic_step(num_tokens: list[int], num_decodes: int, width: int) -> SchedulerOutput:
+    """A warm-up step: rows of num_tokens tokens at positions 0.., token id 0, slot -1, every row's
+    table `width` entries of block 0, every row sampling."""
+    total = sum(num_tokens)
+    return SchedulerOutput(num_tokens=list(num_tokens), context_lens=list(num_tokens),
+                           block_tables=[[0] * width for _ in num_tokens], num_decodes=num_decodes,
+                           sample_rows=list(range(len(num_tokens))), input_ids=[0] * total,
+                           positions=[p for n in num_tokens for p in range(n)], slot_mapping=[-1] * total)
 
 
 def _last_token_indices(num_tokens: list[int]) -> list[int]:
