@@ -66,18 +66,23 @@ def reference(q, k, v, scale, window=None, softcap=None):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+# On a GPU every distinct (dtype, block_size, heads, group, head_dim, window on/off, softcap on/off,
+# split or not, fused or not) compiles its own kernel (the window and softcap values, split counts,
+# lengths and strides do not), so the cases below reuse few of them: the decode cases share theirs
+# with the prefill cases (PREFILL_CASES[i] matches DECODE_CASES[SHARED[i]]), the random test draws
+# from those shared ones, and the other tests reuse a case's shape.
 DECODE_CASES = [
     # seed, dtype, block_size, num_kv_heads, group, head_dim, window, softcap, num_splits
     (0, torch.float32, 8, 2, 1, 32, None, None, 1),
-    (1, torch.float32, 16, 2, 2, 32, None, None, None),
-    (2, torch.float32, 8, 1, 4, 32, None, None, 3),
-    (3, torch.float32, 16, 2, 2, 32, 7, None, 2),
-    (4, torch.float32, 8, 2, 4, 32, 20, 5.0, 4),
-    (5, torch.float32, 16, 1, 2, 64, None, 2.0, 1),
+    (1, torch.float32, 8, 2, 2, 32, None, None, None),
+    (2, torch.float32, 8, 2, 2, 32, None, None, 3),
+    (3, torch.float32, 8, 2, 2, 32, 7, None, 2),
+    (4, torch.float32, 8, 1, 4, 64, 20, 5.0, 4),
+    (5, torch.float32, 16, 1, 2, 32, None, 2.0, 2),
     (6, torch.bfloat16, 8, 2, 2, 32, None, None, 2),
     (7, torch.bfloat16, 16, 1, 4, 32, 9, 3.0, 1),
     (8, torch.float16, 8, 2, 1, 32, None, None, 3),
-    (9, torch.float32, 8, 1, 2, 80, 33, None, 2),  # head_dim not a power of two
+    (9, torch.float32, 8, 2, 3, 80, 33, None, 2),  # neither the group nor head_dim a power of two
 ]
 
 
@@ -115,19 +120,23 @@ def test_decode_long_context_automatic_splits_and_strided_query():
 
 @pytest.mark.parametrize("seed", range(100, 106))
 def test_random_configs_decode_matches_prefill_and_reference(seed):
-    """Random block size, GQA ratio, window, softcap, dtype and lengths; decode and prefill kernels agree."""
+    """Random lengths, window, softcap and split count over the shapes the decode and prefill cases
+    compile (SHARED); decode and prefill kernels agree with each other and with the reference."""
     gen = torch.Generator().manual_seed(seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
-    block_size, group, num_kv_heads = pick([8, 16]), pick([1, 2, 4]), pick([1, 2])
-    window, softcap = pick([None, 5, 17]), pick([None, 1.5, 30.0])
-    dtype = pick([torch.float32, torch.bfloat16])
+    case = PREFILL_CASES[pick([i for i, c in enumerate(PREFILL_CASES) if c[1] == torch.float32 and i in SHARED])]
+    _, dtype, block_size, num_kv_heads, group, head_dim, has_window, has_softcap = case
+    window = pick([5, 17]) if has_window else None
+    softcap = pick([1.5, 30.0]) if has_softcap else None
+    splits = DECODE_CASES[SHARED[PREFILL_CASES.index(case)]][-1] or 1
+    num_splits = pick([2, 5]) if splits > 1 else 1
     seq_lens = torch.randint(1, 100, (3,), generator=gen).tolist()
-    k_cache, v_cache, block_tables, dense = make_cache(seq_lens, block_size, num_kv_heads, 32, dtype, gen)
-    query = torch.randn(3, num_kv_heads * group, 32, generator=gen).to(dtype)
+    k_cache, v_cache, block_tables, dense = make_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    query = torch.randn(3, num_kv_heads * group, head_dim, generator=gen).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     cu = torch.arange(4, dtype=torch.int32, device=DEVICE)
     decode = ta.paged_decode_attention(query.to(DEVICE), k_cache, v_cache, block_tables, lens, 0.25,
-                                       window, softcap, num_splits=pick([1, 2, 5]))
+                                       window, softcap, num_splits=num_splits)
     prefill = ta.paged_prefill_attention(query.to(DEVICE), k_cache, v_cache, block_tables, cu, lens, 0.25,
                                          window, softcap)
     ref = torch.cat([reference(query[i:i + 1], k, v, 0.25, window, softcap) for i, (k, v) in enumerate(dense)])
@@ -154,14 +163,15 @@ def test_decode_splits_beyond_context_and_empty_rows():
 PREFILL_CASES = [
     # seed, dtype, block_size, num_kv_heads, group, head_dim, window, softcap
     (0, torch.float32, 8, 2, 1, 32, None, None),
-    (1, torch.float32, 16, 1, 4, 32, None, None),
+    (1, torch.float32, 8, 2, 2, 32, None, None),
     (2, torch.float32, 8, 2, 2, 32, 10, None),
-    (3, torch.float32, 16, 2, 2, 32, None, 4.0),
+    (3, torch.float32, 16, 1, 2, 32, None, 4.0),
     (4, torch.float32, 8, 1, 4, 64, 24, 3.0),
     (5, torch.bfloat16, 16, 2, 2, 32, None, None),
     (6, torch.bfloat16, 8, 1, 4, 32, 13, 2.0),
     (7, torch.float32, 16, 1, 2, 96, None, None),  # head_dim not a power of two
 ]
+SHARED = {0: 0, 1: 2, 2: 3, 3: 5, 4: 4}   # PREFILL_CASES index -> the DECODE_CASES index of the same shape
 
 # (context length, query length): a lone token, full prefills (block multiple and not),
 # chunks after a cached prefix, and decode tokens (q_len 1) in the same batch.
@@ -261,12 +271,11 @@ def test_fused_prefill_reads_the_chunk_from_key_value_and_writes_it(seed, dtype,
     assert torch.equal(flat_k[_slots(block_tables, positions, block_size)[13]], kept.cpu())
 
 
-@pytest.mark.parametrize("seed,dtype,block_size,num_kv_heads,group,window,softcap", FUSED_CASES)
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_fused_decode_writes_the_new_token_once(seed, dtype, block_size, num_kv_heads, group, window, softcap,
-                                                 num_splits):
+@pytest.mark.parametrize("case,num_splits", [(0, 1), (1, 4), (2, 1), (3, 1), (3, 4)])
+def test_fused_decode_writes_the_new_token_once(case, num_splits):
     """The split holding position len - 1 takes the new token from key/value and stores it; a padded
     row (slot -1, as CUDA-graph buckets add) attends but writes nothing."""
+    seed, dtype, block_size, num_kv_heads, group, window, softcap = FUSED_CASES[case]
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [1, 2 * block_size, 75, 300]
     k_cache, v_cache, block_tables, dense = make_cache(seq_lens, block_size, num_kv_heads, 32, dtype, gen)
