@@ -175,7 +175,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """End a request now (its finish listeners see "abort") and free its blocks in the engine."""
         with self._lock:
-            self._processor.abort(request_id)
+            out = self._processor.abort(request_id)
+            target = self._streams.get(request_id) if out is not None else None
+        if target is not None:     # a caller still listening (a drain's abort) gets the final output
+            target[0].call_soon_threadsafe(target[1].put_nowait, out)
         self._outbox.put(("abort", request_id))
 
     def _forget(self, request_id: str) -> None:
