@@ -12,6 +12,7 @@ BENCHMARKS = {
     "memory": "kvserve.bench.memory",
     "prefix": "kvserve.bench.prefix",
     "serve": "kvserve.bench.serve",
+    "served": "kvserve.bench.served",
     "decode-floor": "kvserve.bench.decode_floor",
 }
 

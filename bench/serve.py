@@ -130,8 +130,9 @@ def _free_port() -> int:
 class Server:
     """A server subprocess on a free loopback port, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, system: str, path: Path, args):
+    def __init__(self, system: str, path: Path, args, *, cpus: set[int] | None = None, env: dict | None = None):
         self.system, self.path, self.args = system, path, args
+        self.cpus, self.extra_env = cpus, env or {}   # CPUs the server (and what it starts) may run on
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(args.out_dir) / f"{system}-server.log"
@@ -154,9 +155,17 @@ class Server:
     def __enter__(self) -> "Server":
         cmd = self.command()
         log.info("starting %s: %s (log %s)", self.system, shlex.join(cmd), self.log_path)
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | self.extra_env
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        mine = os.sched_getaffinity(0) if self.cpus else None
+        if self.cpus:   # the child inherits the forking thread's CPU mask, before it starts any thread
+            os.sched_setaffinity(0, self.cpus)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        finally:
+            if mine:
+                os.sched_setaffinity(0, mine)
         try:
             self._wait_healthy()
         except BaseException:

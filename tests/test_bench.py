@@ -135,3 +135,45 @@ def test_generate_batch_peer_runs_on_the_installed_transformers(tiny_model_facto
             pytest.skip(f"transformers' continuous batching cannot size a CPU cache here: {exc}")
         raise
     assert res.output_tokens == res.computed_tokens == sum(r.max_tokens for r in reqs)
+
+
+def test_served_benchmark_end_to_end(tmp_path):
+    """`kvserve bench served` on the tiny model: offline, a launched server, probes; the JSON has every figure."""
+    pytest.importorskip("httpx")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": "", "COLUMNS": "100"}
+    cmd = [sys.executable, "-m", "kvserve", "bench", "served", "--model-shape", "tiny", "--num-requests", "8",
+           "--prompt-len", "16:48", "--output-len", "4:12", "--probe-streams", "4", "--probe-seconds", "1",
+           "--threads", "1", "--startup-timeout", "120"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        first, second = sorted(os.sched_getaffinity(0))[:2]
+        cmd += ["--server-cpus", str(first), "--client-cpus", str(second)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = cwd / "bench-results" / "served"
+    payload = json.loads((out / "served.json").read_text())
+    assert payload["benchmark"] == "served" and payload["machine"]["cpu_model"]
+    assert payload["offline"]["output_tokens"] == payload["served"]["output_tokens"] == \
+        payload["workload"]["output_tokens"]
+    assert payload["served"]["errors"] == 0
+    assert payload["ratio"]["served_over_offline"] > 0
+    for key in ("ttft_s", "itl_s"):
+        assert payload["served"][key]["p50"] > 0 and payload["served"][key]["p99"] >= payload["served"][key]["p50"]
+    for phase in ("idle", "load"):
+        for path in ("/health", "/metrics"):
+            probe = payload["probes"][phase][path]
+            assert probe["n"] > 0 and probe["failures"] == 0
+            assert 0 < probe["p50"] <= probe["p99"] <= probe["max"]
+    pin = payload["config"]["pinning"]
+    if "--server-cpus" in cmd:
+        assert pin["server_cpus"] == str(first) and pin["client_cpus"] == str(second)
+        assert set(pin["server_processes"].values()) == {str(first)}
+    assert "served / offline output tok/s:" in proc.stdout and "machine: " in proc.stdout
+    assert (out / "served.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    replot = subprocess.run(cmd[:5] + ["--replot", str(out / "served.json"), "--out-dir", str(cwd / "again")],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert (cwd / "again" / "served.png").exists()
