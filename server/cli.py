@@ -156,7 +156,9 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, tuple[str, ...], bool]
 def listen(host: str, port: int) -> socket.socket:
     """Bind the server's socket now, before the (possibly minutes-long) model load: a busy port fails at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
+    # response on a kept-alive connection waits ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
