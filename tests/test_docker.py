@@ -217,3 +217,17 @@ def test_image_env_drives_kvserve_serve(monkeypatch):
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("0.0.0.0", 8000, "/models/model")
     assert build_parser().parse_args(["serve", "--model", "org/name"]).model == "org/name"
+
+
+def test_triton_cache_lives_on_the_volume():
+    """Compiled Triton kernels persist across container restarts: TRITON_CACHE_DIR sits under a
+    declared VOLUME (the one compose mounts), and the image creates it for the kvserve user."""
+    text = (DOCKER / "Dockerfile").read_text()
+    env = image_env()
+    volumes = json.loads(re.search(r"^VOLUME (\[.*\])$", text, re.M).group(1))
+    cache = env["TRITON_CACHE_DIR"]
+    assert any(cache.startswith(v.rstrip("/") + "/") for v in volumes), (cache, volumes)
+    assert re.search(r"mkdir -p [^\n]*" + re.escape(cache), text)
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    mounts = [v.rsplit(":", 2)[1] if v.count(":") >= 1 else v for v in compose["services"]["kvserve"]["volumes"]]
+    assert any(cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)
