@@ -73,6 +73,7 @@ def test_served_variants_are_all_warmed_up(arch, softcap, window, graphs, tiny_m
     warm = runner.warmup_variants
     assert warm, "warmup() launched nothing"
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    compiled = ta.num_compiles()
     with ta.record_variants() as served:
         llm.generate(_prompts((5, 21, 12)), params)
         llm.generate(_prompts((21,)) + _prompts((2,), seed=1), params)   # a prefix hit, short prompts
@@ -83,7 +84,7 @@ def test_served_variants_are_all_warmed_up(arch, softcap, window, graphs, tiny_m
     enumerated = _model_variants(llm, softcap, window)
     assert warm <= enumerated, "warm-up launched variants the enumeration misses:\n" + "\n".join(
         map(str, warm - enumerated))
-    assert ta.num_compiles() == 0 or DEVICE == "cuda"
+    assert ta.num_compiles() == compiled, "kernels compiled after warm-up"   # on CUDA; 0 == 0 interpreted
 
 
 def test_torch_backend_warmup_is_a_no_op(tiny_model_factory):
