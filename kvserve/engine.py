@@ -49,6 +49,14 @@ class CoreOutput(NamedTuple):
     error: str | None = None
 
 
+def _compile_counter(backend_name: str) -> Callable[[], int]:
+    """Kernels compiled so far by this process: the Triton backend's count, else always 0."""
+    if backend_name != "triton":
+        return lambda: 0
+    from kvserve.cache import triton_attention
+    return triton_attention.num_compiles
+
+
 def validate_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
     """What a request must satisfy against this model: length and vocabulary."""
     if not prompt_ids:
@@ -94,6 +102,9 @@ class EngineCore:
             self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),
                                            capture)
         self.runner.warmup()
+        self._count_compiles = _compile_counter(backend.name)
+        self._compiles = self._count_compiles()   # what start-up compiled; any more is a late compile
+        self.late_compiles = 0
         identity = f"{cfg.model}|{cfg.revision}|{dtype}".encode()
         self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest())
@@ -169,6 +180,7 @@ class EngineCore:
             if isinstance(result, Exception):
                 outputs.append(self._fail(seq, result))
         self.scheduler.update_computed(sched)
+        self._check_compiles(sched)
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
         self.num_steps += 1
@@ -187,6 +199,16 @@ class EngineCore:
             for fn in self.step_listeners:
                 fn(stats)
         return outputs
+
+    def _check_compiles(self, sched) -> None:
+        compiles = self._count_compiles()
+        if compiles != self._compiles:
+            log.warning("a Triton kernel compiled while serving (%d so far): every request waited for it. "
+                        "Step shape: %d rows, %d decodes, %d tokens, longest context %d; start-up warm-up did "
+                        "not cover it", self.late_compiles + compiles - self._compiles, len(sched.seqs),
+                        sched.num_decodes, sched.total_tokens, max(sched.context_lens))
+            self.late_compiles += compiles - self._compiles
+            self._compiles = compiles
 
     def _fail(self, seq: Sequence, exc: Exception) -> CoreOutput:
         """End one request with an error that names what broke; its blocks are freed at once."""
@@ -222,7 +244,7 @@ class EngineCore:
         return EngineStats(
             **self.kv.usage(), num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens, num_steps=self.num_steps)
+            generation_tokens=self.generation_tokens, num_steps=self.num_steps, late_compiles=self.late_compiles)
 
 
 @dataclass

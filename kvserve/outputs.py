@@ -58,6 +58,7 @@ class EngineStats:
     prompt_tokens: int              # prompt tokens computed (prefill work), cumulative
     generation_tokens: int          # tokens generated, cumulative
     num_steps: int
+    late_compiles: int = 0          # kernels compiled after start-up (each one stalled every request)
 
     @property
     def usage(self) -> float:

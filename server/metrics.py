@@ -57,7 +57,7 @@ class EngineStatsCollector(Collector):
             stats = self.engine.stats()
         except Exception:  # noqa: BLE001 - /metrics must still answer, with engine_up 0
             logger.exception("engine.stats() failed during a scrape")
-            up = GaugeMetricFamily("kvserve_engine_up", "1 while the engine thread is alive, 0 after it died.",
+            up = GaugeMetricFamily("kvserve_engine_up", "1 while the engine process is alive, 0 after it died.",
                                    labels=["model_name"])
             up.add_metric([self.model_name], 0.0)
             return [up]
@@ -97,7 +97,7 @@ class EngineStatsCollector(Collector):
             gauge("kvserve_kv_cache_block_size_tokens", "Tokens per KV cache block.", stat("block_size")),
             gauge("kvserve_requests_running", "Requests scheduled in the running batch.", stat("num_running")),
             gauge("kvserve_requests_waiting", "Requests queued, waiting to be scheduled.", stat("num_waiting")),
-            gauge("kvserve_engine_up", "1 while the engine thread is alive, 0 after it died.",
+            gauge("kvserve_engine_up", "1 while the engine process is alive, 0 after it died.",
                   None if running is None else float(bool(running))),
             counter("kvserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache.",
                     stat("prefix_query_tokens")),
@@ -108,6 +108,9 @@ class EngineStatsCollector(Collector):
             counter("kvserve_prompt_tokens", "Prompt tokens computed (prefill work).", stat("prompt_tokens")),
             counter("kvserve_generation_tokens", "Tokens generated.", stat("generation_tokens")),
             counter("kvserve_engine_steps", "Engine steps run.", stat("num_steps")),
+            counter("kvserve_kernel_late_compiles", "Triton kernels compiled after start-up; each stalled every "
+                    "request while it compiled (0 expected: start-up compiles every variant).",
+                    stat("late_compiles")),
         ]
 
 

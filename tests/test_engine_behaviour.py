@@ -207,3 +207,16 @@ def test_presence_and_frequency_penalties_follow_openai():
     expected[3] -= 0.25 * 2 + 0.5
     expected[5] -= 0.25 + 0.5
     assert torch.equal(row, expected)
+
+
+def test_a_kernel_compiled_while_serving_is_logged_and_counted(llm, monkeypatch, caplog):
+    """Start-up compiles every kernel variant; one compiled later stalls everyone, so it is a warning
+    and a counter (kvserve_kernel_late_compiles_total). Here the compile count is simulated."""
+    compiles = iter(range(100, 200))
+    monkeypatch.setattr(llm.engine, "_count_compiles", lambda: next(compiles))
+    monkeypatch.setattr(llm.engine, "_compiles", 99)
+    before = llm.engine.stats().late_compiles
+    with caplog.at_level("WARNING", logger="kvserve"):
+        llm.generate("late", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.engine.stats().late_compiles == before + 3      # one per step: the prefill and two decodes
+    assert "a Triton kernel compiled while serving" in caplog.text

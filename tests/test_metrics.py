@@ -82,7 +82,8 @@ def test_series_exist_at_zero_and_capacity_matches_config(engine_factory):
                  "kvserve_preemptions_total", "kvserve_prompt_tokens_total", "kvserve_generation_tokens_total",
                  "kvserve_requests_running", "kvserve_requests_waiting", "kvserve_time_to_first_token_seconds_count",
                  "kvserve_inter_token_latency_seconds_count", "kvserve_e2e_request_latency_seconds_count",
-                 "kvserve_request_queue_time_seconds_count", "kvserve_step_tokens_count"):
+                 "kvserve_request_queue_time_seconds_count", "kvserve_step_tokens_count",
+                 "kvserve_kernel_late_compiles_total"):
         assert value(s, name) == 0, name
 
 

@@ -2,6 +2,7 @@
 a dead engine ends the process non-zero, the API key and model aliases work end to end."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -28,24 +29,27 @@ def test_a_busy_port_fails_at_once_before_loading(demo_model_dir, tmp_path):
     assert "loading" not in out.stderr.lower() and elapsed < 30   # the model was never loaded
 
 
+# Loaded by every interpreter started with this folder on PYTHONPATH, the engine process included:
+# its first step raises, as a lost device would.
 DIES_ON_FIRST_STEP = """
-import sys
 import kvserve.engine
 def step(self):
     raise MemoryError("the device is gone")
-kvserve.engine.LLMEngine.step = step
-from kvserve.server.cli import main
-sys.exit(main(sys.argv[1:]))
+kvserve.engine.EngineCore.step = step
 """
 
 
 def test_a_dead_engine_fails_its_requests_and_exits_non_zero(demo_model_dir, tmp_path):
     port = free_port()
-    argv = [sys.executable, "-c", DIES_ON_FIRST_STEP, "serve", "--model", demo_model_dir, "--device", "cpu",
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(DIES_ON_FIRST_STEP)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "inject"),
+                                                                       os.environ.get("PYTHONPATH")])))
+    argv = [sys.executable, "-m", "kvserve", "serve", "--model", demo_model_dir, "--device", "cpu",
             "--port", str(port), "--num-kv-blocks", "64"]
     log = tmp_path / "kvserve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
 
