@@ -33,6 +33,58 @@ from kvserve.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve")
 _CLOSE = object()
+_QUIET = object()
+
+
+class _Stream:
+    """One request's outputs on their way to its caller. Outputs that arrive before the caller
+    reads merge into one: a caller k steps behind reads one output carrying k tokens, so a busy
+    server writes to each client once per read instead of once per token."""
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        """On the caller's loop: an output (merged into one still unread) or an exception."""
+        last = self.items[-1] if self.items else None
+        if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+            _merge_into(last, item)
+        else:
+            self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, quiet_after: float | None):
+        """The next item; _QUIET if `quiet_after` seconds pass without one (nothing is cancelled)."""
+        if not self.items:
+            self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(quiet_after, _wake, self.waiter) if quiet_after else None
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self.items:
+                return _QUIET
+        return self.items.pop(0)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _merge_into(older: RequestOutput, newer: RequestOutput) -> None:
+    """`older` (not yet read) becomes the delta of both; cumulative fields are taken from `newer`."""
+    older.new_tokens = older.new_tokens + newer.new_tokens
+    older.new_text += newer.new_text
+    for name in ("text", "token_ids", "finished", "finish_reason", "stop_reason", "num_cached_tokens", "metrics",
+                 "error"):
+        setattr(older, name, getattr(newer, name))
 
 
 class AsyncEngine:
@@ -70,7 +122,7 @@ class AsyncEngine:
 
         self._processor = OutputProcessor(self.tokenizer)
         self._lock = threading.Lock()           # guards the processor and the streams
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._adds_sent = 0                     # written by callers only
         self._adds_taken = 0                    # as the engine process last reported it
@@ -134,9 +186,13 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("the engine was shut down"))
 
     # requests
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the loop early aborts it and frees its blocks."""
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       quiet_after: float | None = None) -> AsyncIterator[RequestOutput | None]:
+        """Stream a request's outputs; leaving the loop early aborts it and frees its blocks.
+
+        Each output carries what arrived since the caller's previous read (one token per engine
+        step, or several if the caller fell behind). With `quiet_after`, None is yielded each time
+        that many seconds pass without an output (for keep-alives)."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -145,12 +201,12 @@ class AsyncEngine:
             raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting; "
                                         "try again later")
         request_id = request_id or uuid.uuid4().hex
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(asyncio.get_running_loop())
         arrival = time.monotonic()
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._streams[request_id] = stream
             self._processor.add(request_id, prompt_ids, params, arrival)
         if not self.is_running:   # died (or stopped) while we registered: nobody would answer us
             self._forget(request_id)
@@ -160,12 +216,17 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.get()
+                item = await stream.get(quiet_after)
+                if item is _QUIET:
+                    yield None
+                    continue
                 if isinstance(item, BaseException):
                     raise item
-                yield item
                 if item.finished:
                     finished = True
+                    self._forget(request_id)     # before the caller sees the end, which it may not read past
+                yield item
+                if finished:
                     return
         finally:
             if not finished:
@@ -176,9 +237,9 @@ class AsyncEngine:
         """End a request now (its finish listeners see "abort") and free its blocks in the engine."""
         with self._lock:
             out = self._processor.abort(request_id)
-            target = self._streams.get(request_id) if out is not None else None
-        if target is not None:     # a caller still listening (a drain's abort) gets the final output
-            target[0].call_soon_threadsafe(target[1].put_nowait, out)
+            target = self._streams.pop(request_id, None)
+        if target is not None and out is not None:     # a caller still listening (a drain's abort) gets the final output
+            target.loop.call_soon_threadsafe(target.put, out)
         self._outbox.put(("abort", request_id))
 
     def _forget(self, request_id: str) -> None:
@@ -251,7 +312,7 @@ class AsyncEngine:
     def _queue_for(self, deliveries: dict, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            deliveries.setdefault(target[0], []).append((target[1], item))
+            deliveries.setdefault(target.loop, []).append((target, item))
 
     def _die(self, error: BaseException) -> None:
         log.error("the engine died: %s", error)
@@ -266,13 +327,13 @@ class AsyncEngine:
         self._stopping = True
         with self._lock:
             targets = list(self._streams.values())
-        for loop, stream in targets:
+        for stream in targets:
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, error)
+                stream.loop.call_soon_threadsafe(stream.put, error)
             except RuntimeError:   # that caller's loop is closed
                 pass
 
 
 def _put_all(items: list) -> None:
     for stream, item in items:
-        stream.put_nowait(item)
+        stream.put(item)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from kvserve import RequestOutput, SamplingParams, TokenInfo
 from kvserve.server.errors import APIError, Family, from_engine_error
-from kvserve.server.sse import DONE, KEEPALIVE, SSEResponse, sse_event, with_keepalive
+from kvserve.server.sse import DONE, KEEPALIVE, SSEResponse, sse_event
 
 if TYPE_CHECKING:  # importing the server loads neither torch (with the engine) nor prometheus_client
     from kvserve import AsyncEngine
@@ -115,7 +115,8 @@ class EngineRequest:
         engine = self.state.require_engine()
         try:
             engine.validate(self.prompt_ids, self.params)
-            self._engine_outputs = engine.generate(self.prompt_ids, self.params, request_id=self.request_id)
+            self._engine_outputs = engine.generate(self.prompt_ids, self.params, request_id=self.request_id,
+                                                   quiet_after=self.state.keepalive_interval)
             self._first_output = asyncio.ensure_future(anext(self._engine_outputs))
             for _ in range(4):  # let the generator run up to its first wait: admitted or rejected
                 await asyncio.sleep(0)
@@ -133,9 +134,10 @@ class EngineRequest:
             yield out
 
     async def outputs(self) -> AsyncIterator[RequestOutput | None]:
-        """Incremental outputs; None marks a keep-alive tick. Raises APIError on failure."""
+        """Incremental outputs (each with every token since the previous one); None marks a keep-alive
+        tick. Raises APIError on failure."""
         try:
-            async for out in with_keepalive(self._source(), self.state.keepalive_interval):
+            async for out in self._source():
                 if out is not None and out.finished:
                     self.finished = True
                     self._record_finish(out)
@@ -234,8 +236,9 @@ async def stream_body(state: ServerState, engine_request: EngineRequest, family:
             error = output_error(out, state.draining) if out.finished else None
             if error is not None:
                 raise error
-            for event in events(out):
-                yield sse_event(event)
+            chunk = b"".join(sse_event(event) for event in events(out))   # one write per output
+            if chunk:
+                yield chunk
         if family == "openai":
             yield DONE
     except Exception as exc:  # the headers went out already: the error can only be the last event

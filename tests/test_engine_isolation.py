@@ -224,6 +224,9 @@ def test_engine_death_fails_everyone_and_tells_its_listener(demo_model_dir):
         with pytest.raises(EngineDeadError):
             await collect(engine, "late", greedy())
     run(scenario())
+    deadline = time.monotonic() + 5     # the listener runs on the reader thread, after the callers were failed
+    while not died and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(died) == 1 and "-9" in str(died[0]) and not engine.is_running
     engine.shutdown()
 
