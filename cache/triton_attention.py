@@ -699,6 +699,11 @@ def _cached_kernels() -> int:
     return total
 
 
+def interpreted() -> bool:
+    """The kernels run in Triton's interpreter (TRITON_INTERPRET=1 when this module was imported)."""
+    return _INTERPRET
+
+
 def num_compiles() -> int:
     """Kernels of this module compiled (or loaded from Triton's disk cache, which is a new
     specialization all the same) by this process. 0 under the interpreter or without Triton. Read

@@ -65,7 +65,7 @@ class ModelRunner:
         return out.logits[0]
 
     @torch.inference_mode()
-    def warmup(self) -> int:
+    def warmup(self, interpreted: bool = False) -> int:
         """Compile every Triton kernel variant the eager path can meet, before serving: returns the
         number of kernels compiled (0 under the interpreter), and leaves the variants the warm-up
         launched in self.warmup_variants. A no-op for the torch backend.
@@ -76,10 +76,11 @@ class ModelRunner:
         num_decodes), a decode-only step, and a decode whose block table is wide enough to split.
         Every token has slot -1 (nothing is written to the cache), every table points at block 0 and
         every row's context is its own tokens, so nothing is read from the cache either. Decode-only
-        steps on CUDA graphs were compiled when the graphs were captured (same kernels)."""
-        if self.backend.name != "triton":
-            return 0
+        steps on CUDA graphs were compiled when the graphs were captured (same kernels). Under
+        Triton's interpreter (CPU tests) it runs only when `interpreted` asks for it."""
         from kvserve.cache import triton_attention as ta
+        if self.backend.name != "triton" or (ta.interpreted() and not interpreted):
+            return 0     # the interpreter compiles nothing: warming it up only costs start-up time
         t0 = time.perf_counter()
         compiled = ta.num_compiles()
         spec = self.kv_pool.spec
