@@ -143,8 +143,9 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return (self._started.is_set() and self.dead_error is None and not self._stopping
-                and self._proc.poll() is None)
+        # no poll() of the process here (a waitpid per call): its death ends the reader's pipe,
+        # which sets dead_error
+        return self._started.is_set() and self.dead_error is None and not self._stopping
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -16,7 +16,7 @@ from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatC
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
                                            CompletionRequest, CompletionResponse, OpenAIErrorResponse, ModelCard,
                                            ModelList, PromptTokensDetails, SamplingFields, Usage)
-from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
+from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
 from kvserve.server.validation import finite
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -83,8 +83,9 @@ def dump_chunk(chunk: CompletionResponse | ChatCompletionChunk, with_usage: bool
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(request: Request) -> ModelList:
     """The one served model."""
+    state = get_state(request)
     engine = state.require_engine()
     card = ModelCard(id=state.served_model_name, created=int(state.info.get("started", time.time())),
                      root=str(engine.model_id), max_model_len=engine.max_model_len)
@@ -92,8 +93,9 @@ async def list_models(state: StateDep) -> ModelList:
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """OpenAI text completion; `stream: true` answers `data:` chunks ending in `data: [DONE]`."""
+    state = get_state(request)
     prepared = await prepare_completion(state, body)
     prompt_ids = prepared.prompt_ids
     engine = state.require_engine()
@@ -139,8 +141,9 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI chat completion via the model's chat template; 400 if the model has none."""
+    state = get_state(request)
     prepared = await prepare_chat(state, body)
     prompt_ids = prepared.prompt_ids
     engine_request = await admit(state, prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}")

@@ -17,7 +17,7 @@ from kvserve.server.errors import APIError
 from kvserve.server.inputs import prepare_tgi
 from kvserve.server.schemas_tgi import (Details, TGIErrorResponse, GenerateRequest, GenerateResponse, PrefillToken,
                                         StreamDetails, StreamResponse, Token)
-from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, StateDep, admit, stream_response
+from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
 from kvserve.server.validation import finite
 
 router = APIRouter(tags=["TGI"])
@@ -117,18 +117,21 @@ async def respond(state: ServerState, body: GenerateRequest, request: Request, s
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={**ERRORS, 200: SSE_DOC})
-async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Response:
+async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate text; with "stream": true the answer is the SSE stream of /generate_stream."""
+    state = get_state(request)
     return await respond(state, body, request, stream=body.stream)
 
 
 @router.post("/generate_stream", response_model=StreamResponse, responses={**ERRORS, 200: SSE_DOC})
-async def generate_stream(body: GenerateRequest, request: Request, state: StateDep) -> Response:
+async def generate_stream(body: GenerateRequest, request: Request) -> Response:
     """Stream tokens as server-sent events; the last event carries generated_text and details."""
+    state = get_state(request)
     return await respond(state, body, request, stream=True)
 
 
 @router.post("/", response_model=list[GenerateResponse], responses={**ERRORS, 200: SSE_DOC})
-async def compat_generate(body: GenerateRequest, request: Request, state: StateDep) -> Response:
+async def compat_generate(body: GenerateRequest, request: Request) -> Response:
     """TGI's compatibility route: a one-element JSON array, or the SSE stream with "stream": true."""
+    state = get_state(request)
     return await respond(state, body, request, stream=body.stream, as_list=True)

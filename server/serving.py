@@ -8,9 +8,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-from fastapi import Depends
 from starlette.requests import Request
 
 from kvserve import RequestOutput, SamplingParams, TokenInfo
@@ -248,10 +247,8 @@ async def stream_body(state: ServerState, engine_request: EngineRequest, family:
 
 
 def get_state(request: Request) -> ServerState:
+    """The routes call this themselves: a FastAPI dependency costs a resolution on every request."""
     return request.app.state.kvserve
-
-
-StateDep = Annotated[ServerState, Depends(get_state)]
 
 
 async def wait_disconnected(request: Request) -> None:
