@@ -220,3 +220,28 @@ def test_a_kernel_compiled_while_serving_is_logged_and_counted(llm, monkeypatch,
         llm.generate("late", SamplingParams(max_tokens=3, ignore_eos=True))
     assert llm.engine.stats().late_compiles == before + 3      # one per step: the prefill and two decodes
     assert "a Triton kernel compiled while serving" in caplog.text
+
+
+def test_a_slow_reader_gets_the_tokens_it_missed_merged_into_one_output(demo_model_dir):
+    """Outputs the caller has not read yet merge: a reader that falls behind reads fewer outputs,
+    each with several tokens, and ends with exactly the text and tokens of a prompt reader."""
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, block_size=8, num_kv_blocks=128))
+    engine.start()
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def read(delay: float):
+        outs = []
+        async for out in engine.generate("merge", params):
+            outs.append(out)
+            await asyncio.sleep(delay)
+        return outs
+
+    try:
+        prompt_reader, slow_reader = asyncio.run(read(0)), asyncio.run(read(0.05))
+    finally:
+        engine.shutdown()
+    for outs in (prompt_reader, slow_reader):
+        assert [t.id for o in outs for t in o.new_tokens] == outs[-1].token_ids and len(outs[-1].token_ids) == 40
+        assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert slow_reader[-1].token_ids == prompt_reader[-1].token_ids and slow_reader[-1].text == prompt_reader[-1].text
+    assert len(slow_reader) < len(prompt_reader) and max(len(o.new_tokens) for o in slow_reader) > 1
