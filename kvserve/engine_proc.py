@@ -16,6 +16,7 @@ the API process sees its pipe end, fails every request and exits non-zero.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -77,6 +78,8 @@ def main(cfg, commands: Connection, results: Connection, log_level: int) -> None
         raise SystemExit(1) from None
     info = {"max_model_len": core.max_model_len, "vocab_size": core.runner.vocab_size, "kv_info": core.kv_info,
             "model_config": core.model_config, "pid": os.getpid()}
+    gc.collect()
+    gc.freeze()     # the model, torch and transformers stay for the process's life: no full GC pass over them
     _send(results, ("ready", info, core.stats()))
     try:
         _loop(core, commands, results)
@@ -89,6 +92,8 @@ def main(cfg, commands: Connection, results: Connection, log_level: int) -> None
         except OSError:
             pass
         raise SystemExit(1) from None
+    finally:
+        gc.unfreeze()
 
 
 def _loop(core, commands: Connection, results: Connection) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,10 +38,15 @@ def is_demo(engine: AsyncEngine) -> bool:
 
 def start_engine(state: ServerState, engine: AsyncEngine,
                  on_death: Callable[[BaseException], None] | None = None) -> None:
-    """Start the engine thread (on the event loop's thread) and publish it to the routes. `on_death`
-    runs (on the engine thread) if the engine dies, after every request in flight was failed."""
+    """Open the engine to requests and publish it to the routes. `on_death` runs (on the engine's
+    reader thread) if the engine dies, after every request in flight was failed."""
     if on_death is not None:
         engine.add_death_listener(on_death)
+    # Everything loaded so far (torch, transformers, the tokenizer: ~380k objects) lives as long as
+    # the process: frozen, the collector's full passes skip it. Unfrozen, each full pass took
+    # ~180 ms, which was the 350 ms tail of /health under load.
+    gc.collect()
+    gc.freeze()
     engine.start()
     state.set_engine(engine)
     if state.metrics is not None:
@@ -90,6 +96,7 @@ def make_lifespan(state: ServerState, engine: AsyncEngine | None, loader: Callab
             state.metrics.stop_log_loop()
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
+        gc.unfreeze()     # let the last collection see everything (extension modules check for leaks at exit)
     return lifespan
 
 
