@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import pickle
 import queue
@@ -240,7 +241,8 @@ class AsyncEngine:
             out = self._processor.abort(request_id)
             target = self._streams.pop(request_id, None)
         if target is not None and out is not None:     # a caller still listening (a drain's abort) gets the final output
-            target.loop.call_soon_threadsafe(target.put, out)
+            with contextlib.suppress(RuntimeError):     # unless its event loop is closed
+                target.loop.call_soon_threadsafe(target.put, out)
         self._outbox.put(("abort", request_id))
 
     def _forget(self, request_id: str) -> None:
@@ -305,10 +307,20 @@ class AsyncEngine:
             self._outbox.put(("stop", request_id))
         self._stats, self._adds_taken = stats, adds_taken
         for loop, items in deliveries.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:   # that caller's event loop is closed: nobody reads these; free them
+                for stream, _ in items:
+                    self._orphaned(stream)
         if step_stats is not None:
             for fn in self._step_listeners:
                 fn(step_stats)
+
+    def _orphaned(self, stream: _Stream) -> None:
+        with self._lock:
+            request_ids = [rid for rid, s in self._streams.items() if s is stream]
+        for request_id in request_ids:
+            self.abort(request_id)
 
     def _queue_for(self, deliveries: dict, request_id: str, item) -> None:
         target = self._streams.get(request_id)

@@ -244,3 +244,18 @@ def test_logit_bias_steers_sampling_and_is_bounded(llm, undisturbed):
             SamplingParams(logit_bias=bias)
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         llm.engine.validate([5], SamplingParams(logit_bias={llm.engine.runner.vocab_size: 1.0}))
+
+
+def test_a_caller_whose_event_loop_closed_is_dropped_not_fatal(async_engine):
+    """A caller that vanished with its event loop (closed without closing its generators) cannot
+    take the engine down: its request is aborted, everyone else is served."""
+    loop = asyncio.new_event_loop()
+    gen = async_engine.generate(PROMPTS[0], greedy(200))
+    loop.run_until_complete(gen.__anext__())
+    loop.close()                          # the generator stays suspended, its stream registered
+    deadline = time.monotonic() + 10
+    while async_engine.num_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert async_engine.num_unfinished() == 0 and async_engine.is_running
+    outs = run(collect(async_engine, PROMPTS[1], greedy()))
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
