@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import pickle
 import queue
@@ -41,15 +42,21 @@ class _Stream:
     """One request's outputs on their way to its caller. Outputs that arrive before the caller
     reads merge into one: a caller k steps behind reads one output carrying k tokens, so a busy
     server writes to each client once per read instead of once per token."""
-    __slots__ = ("loop", "items", "waiter")
+    __slots__ = ("loop", "items", "waiter", "ended")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: list = []
         self.waiter: asyncio.Future | None = None
+        self.ended = False
 
     def put(self, item) -> None:
-        """On the caller's loop: an output (merged into one still unread) or an exception."""
+        """On the caller's loop: an output (merged into one still unread) or an exception. Nothing
+        is taken after the first finished output or exception (a step's output can arrive after
+        an abort already ended the stream)."""
+        if self.ended:
+            return
+        self.ended = isinstance(item, BaseException) or item.finished
         last = self.items[-1] if self.items else None
         if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
             _merge_into(last, item)
@@ -99,19 +106,23 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self._proc, self._commands, self._results = engine_proc.start(
             cfg, logging.getLogger("kvserve").getEffectiveLevel())
-        atexit.register(engine_proc.wait_for_exit, self._proc, 0.0)   # never left running by a forgotten engine
+        self._exit_hook = functools.partial(engine_proc.wait_for_exit, self._proc, 0.0)
+        atexit.register(self._exit_hook)   # never left running by a forgotten engine
         try:
             self.tokenizer = loader.load_tokenizer(cfg)
             message = self._results.recv_bytes()
         except EOFError:
+            self._close_pipes()
             self._proc.wait(5.0)
             raise RuntimeError(f"the engine process exited with code {self._proc.returncode} while loading "
                                f"{cfg.model} (its log above says why)") from None
         except BaseException:
+            self._close_pipes()
             engine_proc.wait_for_exit(self._proc, 0.0)
             raise
         kind, *body = pickle.loads(message)
         if kind == "error":
+            self._close_pipes()
             engine_proc.wait_for_exit(self._proc, 5.0)
             raise body[0]
         info, self._stats = body
@@ -122,7 +133,7 @@ class AsyncEngine:
         self.pid: int = info["pid"]            # the engine process
 
         self._processor = OutputProcessor(self.tokenizer)
-        self._lock = threading.Lock()           # guards the processor and the streams
+        self._lock = threading.RLock()          # guards the processor and the streams (listeners may call back)
         self._streams: dict[str, _Stream] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._adds_sent = 0                     # written by callers only
@@ -136,6 +147,12 @@ class AsyncEngine:
         self._reader = threading.Thread(target=self._read, name="kvserve-engine-reader", daemon=True)
         self._writer.start()
         self._reader.start()
+
+    def _close_pipes(self) -> None:
+        for conn in (self._commands, self._results):
+            with contextlib.suppress(OSError):
+                conn.close()
+        atexit.unregister(self._exit_hook)
 
     # the engine's description
     @property
@@ -170,8 +187,11 @@ class AsyncEngine:
         self._processor.finish_listeners.append(fn)
 
     def add_death_listener(self, fn: Callable[[BaseException], None]) -> None:
-        """fn(error) once, from the reader thread, if the engine dies (after every request was failed)."""
+        """fn(error) once, from the reader thread, if the engine dies (after every request was failed);
+        at once if it already has."""
         self._death_listeners.append(fn)
+        if self.dead_error is not None:
+            fn(self.dead_error)
 
     # lifecycle
     def start(self) -> None:
@@ -186,6 +206,8 @@ class AsyncEngine:
         engine_proc.wait_for_exit(self._proc, timeout)
         self._reader.join(timeout)
         self._fail_all(EngineDeadError("the engine was shut down"))
+        self._results.close()
+        atexit.unregister(self._exit_hook)
 
     # requests
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -208,8 +230,8 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            self._streams[request_id] = stream
             self._processor.add(request_id, prompt_ids, params, arrival)
+            self._streams[request_id] = stream
         if not self.is_running:   # died (or stopped) while we registered: nobody would answer us
             self._forget(request_id)
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
@@ -223,6 +245,8 @@ class AsyncEngine:
                     yield None
                     continue
                 if isinstance(item, BaseException):
+                    finished = True      # the engine failed it (died, shut down): not the caller's abort
+                    self._forget(request_id)
                     raise item
                 if item.finished:
                     finished = True
@@ -253,23 +277,51 @@ class AsyncEngine:
     # the two pipe threads
     def _write(self) -> None:
         """Send queued commands, all that wait in one message."""
-        while True:
-            batch = [self._outbox.get()]
+        try:
             while True:
+                batch = [self._outbox.get()]
+                while True:
+                    try:
+                        batch.append(self._outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                close = any(cmd is _CLOSE for cmd in batch)
+                message = self._encode([cmd for cmd in batch if cmd is not _CLOSE])
                 try:
-                    batch.append(self._outbox.get_nowait())
-                except queue.Empty:
-                    break
-            close = batch[-1] is _CLOSE
-            batch = [cmd for cmd in batch if cmd is not _CLOSE]
-            try:
-                if batch:
-                    self._commands.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-            except OSError:   # the engine process is gone; the reader reports it
-                return
-            if close:
-                self._commands.close()
-                return
+                    if message is not None:
+                        self._commands.send_bytes(message)
+                except OSError:   # the engine process is gone; the reader reports it
+                    return
+                if close:
+                    self._commands.close()
+                    return
+        except BaseException as exc:  # noqa: BLE001 - without a writer nothing reaches the engine
+            log.exception("the engine writer died")
+            self._die(exc)
+
+    def _encode(self, batch: list) -> bytes | None:
+        """The batch pickled; a command that cannot be (a caller's odd SamplingParams) fails alone."""
+        if not batch:
+            return None
+        try:
+            return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001
+            kept = []
+            for cmd in batch:
+                try:
+                    pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
+                    kept.append(cmd)
+                except Exception as exc:  # noqa: BLE001
+                    self._refuse(cmd[1], InvalidRequestError(f"the request cannot be sent to the engine: {exc}"))
+            return pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL) if kept else None
+
+    def _refuse(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            self._processor.states.pop(request_id, None)
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):
+                stream.loop.call_soon_threadsafe(stream.put, exc)
 
     def _read(self) -> None:
         try:
@@ -328,10 +380,14 @@ class AsyncEngine:
             deliveries.setdefault(target.loop, []).append((target, item))
 
     def _die(self, error: BaseException) -> None:
+        with self._lock:
+            if self.dead_error is not None:     # the reader and the writer may both see the end
+                return
+            self.dead_error = error
         log.error("the engine died: %s", error)
-        self.dead_error = error
         self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
         self._outbox.put(_CLOSE)
+        engine_proc.wait_for_exit(self._proc, 0.0)   # gone already, or no longer reachable: end it
         for fn in self._death_listeners:
             fn(error)
 

@@ -27,6 +27,7 @@ import sys
 from multiprocessing.connection import Connection
 
 log = logging.getLogger("kvserve")
+MAX_MESSAGES_PER_STEP = 64   # command messages (each a batch) taken in between two steps
 
 # The child runs `python -c` with the parent's sys.path, not `multiprocessing`'s spawn: spawn
 # re-imports the caller's __main__, which breaks any user script without a __main__ guard.
@@ -39,8 +40,12 @@ def start(cfg, log_level: int) -> tuple[subprocess.Popen, Connection, Connection
     commands_r, commands_w = os.pipe()
     results_r, results_w = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(sys.path), str(commands_r), str(results_w)],
-                                pass_fds=(commands_r, results_w), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(sys.path), str(commands_r), str(results_w),
+                                 str(os.getpid())], pass_fds=(commands_r, results_w), stdin=subprocess.DEVNULL)
+    except BaseException:
+        os.close(commands_w)
+        os.close(results_r)
+        raise
     finally:
         os.close(commands_r)
         os.close(results_w)
@@ -52,17 +57,29 @@ def start(cfg, log_level: int) -> tuple[subprocess.Popen, Connection, Connection
 def _boot() -> None:
     commands = Connection(int(sys.argv[2]), writable=False)
     results = Connection(int(sys.argv[3]), readable=False)
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[4]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole group: the API process decides
     cfg, log_level = pickle.loads(commands.recv_bytes())
     main(cfg, commands, results, log_level)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the API process dies, even while the model loads."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process if the API process dies while the model loads (after loading,
+    the end of the command pipe says it). The signal follows the thread that started this process,
+    which the caller's loading blocks, so it is switched off once loaded (_keep_after_parent)."""
+    _pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:     # the parent died before the line above
+        raise SystemExit(0)
+
+
+def _keep_after_parent() -> None:
+    _pdeathsig(0)
+
+
+def _pdeathsig(sig: int) -> None:
     try:
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -80,6 +97,7 @@ def main(cfg, commands: Connection, results: Connection, log_level: int) -> None
             "model_config": core.model_config, "pid": os.getpid()}
     gc.collect()
     gc.freeze()     # the model, torch and transformers stay for the process's life: no full GC pass over them
+    _keep_after_parent()
     _send(results, ("ready", info, core.stats()))
     try:
         _loop(core, commands, results)
@@ -102,8 +120,12 @@ def _loop(core, commands: Connection, results: Connection) -> None:
     core.add_step_listener(step_stats.append)
     while True:
         outputs, changed = [], False
-        # wait for work only when there is none; otherwise just take what has arrived
-        while commands.poll(None if not core.has_unfinished() and not changed else 0):
+        # wait for work only when there is none; otherwise take what has arrived, a bounded number
+        # of messages per step (a flood of adds and aborts cannot hold the running requests back)
+        taken = 0
+        while taken < MAX_MESSAGES_PER_STEP and commands.poll(
+                None if not core.has_unfinished() and not changed else 0):
+            taken += 1
             for cmd in pickle.loads(commands.recv_bytes()):
                 kind = cmd[0]
                 if kind == "add":

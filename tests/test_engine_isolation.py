@@ -259,3 +259,32 @@ def test_a_caller_whose_event_loop_closed_is_dropped_not_fatal(async_engine):
     assert async_engine.num_unfinished() == 0 and async_engine.is_running
     outs = run(collect(async_engine, PROMPTS[1], greedy()))
     assert outs[-1].finished and outs[-1].finish_reason == "length"
+
+
+def test_a_stream_ends_at_its_first_final_output():
+    """An abort's final output can reach a stream before a step's older output for the same request
+    (the reader thread hands a step over after releasing its lock): the stale one must not reopen it."""
+    from kvserve import RequestOutput
+    from kvserve.async_engine import _Stream
+
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.put(RequestOutput("r", [1], [], "", "", [], finished=True, finish_reason="abort"))
+        stream.put(RequestOutput("r", [1], [], "x", "x", [5], finished=False))
+        stream.put(EngineDeadError("late"))
+        first = await stream.get(None)
+        assert first.finished and first.finish_reason == "abort" and not stream.items
+    run(scenario())
+
+
+def test_a_death_listener_added_after_the_death_is_told_at_once(demo_model_dir):
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
+    engine.start()
+    os.kill(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while engine.dead_error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    told = []
+    engine.add_death_listener(told.append)
+    assert len(told) == 1 and told[0] is engine.dead_error
+    engine.shutdown()
