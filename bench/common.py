@@ -80,14 +80,15 @@ def add_common_args(p: argparse.ArgumentParser, *, shape: str = "llama-small") -
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_workload_args(p: argparse.ArgumentParser, num_requests: int = 64, prompt_len: tuple[int, int] = (32, 512),
+                      output_len: tuple[int, int] = (16, 256), requests_help: str = "requests in the workload",
+                      prompt_help: str = "prompt tokens, uniform in [LO, HI]",
+                      output_help: str = "output tokens, uniform in [LO, HI]") -> argparse._ArgumentGroup:
     """The mixed workload's flags (request count, prompt and output lengths); returns the group."""
     g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=64, metavar="N", help="requests in the workload")
-    g.add_argument("--prompt-len", type=parse_range, default=(32, 512), metavar="LO:HI",
-                   help="prompt tokens, uniform in [LO, HI]")
-    g.add_argument("--output-len", type=parse_range, default=(16, 256), metavar="LO:HI",
-                   help="output tokens, uniform in [LO, HI]")
+    g.add_argument("--num-requests", type=int, default=num_requests, metavar="N", help=requests_help)
+    g.add_argument("--prompt-len", type=parse_range, default=prompt_len, metavar="LO:HI", help=prompt_help)
+    g.add_argument("--output-len", type=parse_range, default=output_len, metavar="LO:HI", help=output_help)
     return g
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from kvserve.bench import common
-from kvserve.bench.common import parse_range, print_table, ratio, summarize
+from kvserve.bench.common import print_table, ratio, summarize
 from kvserve.bench.loadgen import Client, TextRequest, run_concurrency, run_poisson, summarize_point, text_workload
 from kvserve.bench.models import describe, model_path
 from kvserve.bench.serve import Server
@@ -51,12 +51,10 @@ def parse_cpus(text: str) -> set[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
-    g = p.add_argument_group("workload")
-    g.add_argument("--num-requests", type=int, default=256, metavar="N", help="requests (the burst sends all at once)")
-    g.add_argument("--prompt-len", type=parse_range, default=(16, 256), metavar="LO:HI",
-                   help="prompt characters (one token each with the bench models' byte tokenizer), uniform")
-    g.add_argument("--output-len", type=parse_range, default=(16, 128), metavar="LO:HI",
-                   help="new tokens per request (ignore_eos), uniform")
+    g = common.add_workload_args(
+        p, 256, (16, 256), (16, 128), requests_help="requests (the burst sends all at once)",
+        prompt_help="prompt characters (one token each with the bench models' byte tokenizer), uniform",
+        output_help="new tokens per request (ignore_eos), uniform")
     g.add_argument("--warmup", choices=["auto", "short", "full"], default="auto", metavar="HOW",
                    help="untimed pass before each timed one: short (4 short requests), full (the whole workload) "
                         "or auto (full on CUDA, where new batch shapes compile kernels; short on CPU)")

@@ -97,7 +97,7 @@ def _merge_into(older: RequestOutput, newer: RequestOutput) -> None:
 
 class AsyncEngine:
     """Thread-safe add / stream / abort. Neither process ever waits on a client: each request's
-    outputs go into its own unbounded asyncio queue on the caller's event loop."""
+    outputs go into its own _Stream on the caller's event loop (unread ones merge)."""
 
     def __init__(self, cfg: EngineConfig, max_waiting_requests: int = 1024):
         """Starts the engine process and returns once it has loaded the model (raising its error)."""

@@ -67,7 +67,7 @@ class EngineStats:
 
 @dataclass(slots=True)
 class StepStats:
-    """Reported to step listeners after every engine step (from the engine thread)."""
+    """Reported to step listeners after every engine step (measured in the engine process)."""
     num_prefill_tokens: int
     num_decode_tokens: int
     num_seqs: int

@@ -160,7 +160,7 @@ class EngineMetrics:
         self.step_duration = hist("kvserve_step_duration_seconds", "Wall time of one engine step.",
                                   STEP_SECONDS_BUCKETS)
 
-    # engine thread
+    # the engine's reader thread
     def on_step(self, step: StepStats) -> None:
         self.step_tokens.observe(step.num_prefill_tokens + step.num_decode_tokens)
         self.step_seqs.observe(step.num_seqs)

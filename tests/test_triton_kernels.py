@@ -3,22 +3,13 @@
 Error bound: max |out - ref| / max |ref| <= 1e-5 in float32, 5e-3 in float16, 2e-2 in bfloat16
 (the interpreter measures ~2e-7, ~1e-4 and ~4e-3).
 """
-import importlib
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
-tl = pytest.importorskip("triton.language", reason="triton is not installed (pip install kvserve[triton])")
-if not torch.cuda.is_available() and type(tl.cdiv).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process and there is no GPU; "
-                "run with TRITON_INTERPRET=1 set or this module on its own", allow_module_level=True)
+from triton_env import DEVICE, ta  # sets TRITON_INTERPRET=1 before triton loads, on CPU
 
-ta = importlib.import_module("kvserve.cache.triton_attention")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

@@ -5,24 +5,12 @@ Triton would (constexprs, and for what Triton still specializes: int ==1 / %16, 
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
-tl = pytest.importorskip("triton.language", reason="triton is not installed (pip install kvserve[triton])")
-if not torch.cuda.is_available() and type(tl.cdiv).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process and there is no GPU; "
-                "run with TRITON_INTERPRET=1 set or this module on its own", allow_module_level=True)
+from triton_env import DEVICE, ta, tl  # sets TRITON_INTERPRET=1 before triton loads, on CPU
 
-ta = importlib.import_module("kvserve.cache.triton_attention")
-
-from kvserve import LLM, SamplingParams  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kvserve import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
