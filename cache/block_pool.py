@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
@@ -19,6 +20,7 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    freed_at: float | None = None   # time.monotonic() when its reference count last dropped to zero
 
 
 class BlockPool:
@@ -27,12 +29,16 @@ class BlockPool:
     A block whose reference count drops to zero joins the back of the free queue but keeps its
     hash, so a later request can take it back (a prefix hit) until it is evicted for a fresh one.
     Every operation is O(1): the free queue is an OrderedDict used as a doubly linked list.
+    `on_evict(block)` runs when a cached block is taken for fresh content, before its hash is dropped
+    (the host-memory tier copies it out then).
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, enable_caching: bool = True,
+                 on_evict: Callable[[Block], None] | None = None):
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        self.on_evict = on_evict
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}
@@ -54,9 +60,12 @@ class BlockPool:
         block = self.blocks[block_id]
         assert block.ref_cnt == 0
         if block.block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             self._uncache(block)
             self.num_cached_free -= 1
         block.ref_cnt = 1
+        block.freed_at = None
         return block
 
     def lookup(self, block_hash: bytes) -> Block | None:
@@ -67,6 +76,7 @@ class BlockPool:
         """Take one more reference to a block (a prefix hit or a fork)."""
         if block.ref_cnt == 0:
             del self.free_queue[block.block_id]
+            block.freed_at = None
             if block.block_hash is not None:
                 self.num_cached_free -= 1
         block.ref_cnt += 1
@@ -76,6 +86,7 @@ class BlockPool:
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
             self.free_queue[block.block_id] = None
+            block.freed_at = time.monotonic()
             if block.block_hash is not None:
                 self.num_cached_free += 1
 

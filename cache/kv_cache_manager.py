@@ -1,9 +1,31 @@
 """Per-sequence block tables on top of the BlockPool: prefix lookup, slot allocation, forks."""
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+import time
+from typing import Hashable, NamedTuple, Sequence, Union
 
 from kvserve.cache.block_pool import Block, BlockPool, hash_block_tokens
+from kvserve.cache.host_tier import HostTier
+
+
+class HostHit(NamedTuple):
+    """A prefix block found in the host tier: it comes back into a fresh device block."""
+    block_hash: bytes
+
+
+PrefixHit = Union[Block, HostHit]
+
+
+class KVMoves(NamedTuple):
+    """The block copies a step needs before its forward, in this order: device blocks being evicted
+    out to the host tier (device, host), host-tier hits back into the device pool (host, device),
+    then copy-on-write copies (source, destination) within the device pool."""
+    offloads: list[tuple[int, int]]
+    reloads: list[tuple[int, int]]
+    copies: list[tuple[int, int]]
+
+    def __bool__(self) -> bool:
+        return bool(self.offloads or self.reloads or self.copies)
 
 
 class KVCacheManager:
@@ -12,19 +34,28 @@ class KVCacheManager:
     A shared block (reference count > 1) is never written in place: appending into one first
     copies it to a fresh block (copy-on-write); the copies are queued in `pending_copies` for
     the model runner to apply before the next forward.
+
+    With a host tier (num_host_blocks > 0), a cached block evicted from the device pool is queued to
+    be copied to the host tier instead of being lost, and a prefix lookup that misses the device pool
+    continues in the host tier: such blocks are queued to be copied back into fresh device blocks.
+    Every copy queued while a step is scheduled runs before that step's forward (take_moves).
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 hash_seed: bytes = b""):
+                 hash_seed: bytes = b"", num_host_blocks: int = 0):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.host = HostTier(num_host_blocks) if enable_caching and num_host_blocks > 0 else None
+        self.pool = BlockPool(num_blocks, enable_caching, on_evict=self._offload if self.host else None)
         self.enable_caching = enable_caching
         self.hash_seed = hash_seed
         self.block_tables: dict[Hashable, list[Block]] = {}
         self.block_hashes: dict[Hashable, list[bytes]] = {}
         self.pending_copies: list[tuple[int, int]] = []
+        self.pending_offloads: list[tuple[int, int]] = []
+        self.pending_reloads: list[tuple[int, int]] = []
         self.prefix_query_tokens = 0
-        self.prefix_hit_tokens = 0
+        self.prefix_hit_tokens = 0         # both tiers
+        self.prefix_host_hit_tokens = 0    # of which found in the host tier
 
     # prefix cache
     def _hashes(self, seq_id: Hashable, token_ids: Sequence[int], num_tokens: int) -> list[bytes]:
@@ -37,25 +68,29 @@ class KVCacheManager:
             hashes.append(hash_block_tokens(parent, token_ids[i * bs:(i + 1) * bs]))
         return hashes
 
-    def find_cached_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[Block]:
-        """The longest run of cached full blocks, always leaving the last token to compute."""
+    def find_cached_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[PrefixHit]:
+        """The longest run of cached full blocks, always leaving the last token to compute: device
+        blocks, or HostHits where only the host tier has the block."""
         if not self.enable_caching:
             return []
-        hits = []
+        hits: list[PrefixHit] = []
         for block_hash in self._hashes(seq_id, token_ids, len(token_ids) - 1):
             block = self.pool.lookup(block_hash)
             if block is None:
-                break
+                if self.host is None or self.host.lookup(block_hash) is None:
+                    break
+                block = HostHit(block_hash)
             hits.append(block)
         return hits
 
-    def record_prefix_query(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+    def record_prefix_query(self, num_query_tokens: int, hits: Sequence[PrefixHit]) -> None:
         self.prefix_query_tokens += num_query_tokens
-        self.prefix_hit_tokens += num_hit_tokens
+        self.prefix_hit_tokens += len(hits) * self.block_size
+        self.prefix_host_hit_tokens += sum(isinstance(h, HostHit) for h in hits) * self.block_size
 
     # allocation
     def allocate_slots(self, seq_id: Hashable, num_computed: int, num_new: int,
-                       cached_prefix: Sequence[Block] = ()) -> bool:
+                       cached_prefix: Sequence[PrefixHit] = ()) -> bool:
         """Make room for tokens [num_computed, num_computed + num_new). All or nothing."""
         table = self.block_tables.setdefault(seq_id, [])
         if cached_prefix:
@@ -64,14 +99,21 @@ class KVCacheManager:
         num_have = len(table) + len(cached_prefix)
         num_needed = -(-(num_computed + num_new) // bs) - num_have
         cow = self._needs_copy(table, num_computed)
-        revived = sum(1 for b in cached_prefix if b.ref_cnt == 0)
-        if max(num_needed, 0) + cow + revived > self.pool.num_free:
+        on_device = [b for b in cached_prefix if isinstance(b, Block)]
+        revived = sum(1 for b in on_device if b.ref_cnt == 0)
+        from_host = len(cached_prefix) - len(on_device)
+        if max(num_needed, 0) + cow + revived + from_host > self.pool.num_free:
             if not table:
                 del self.block_tables[seq_id]
             return False
-        for block in cached_prefix:
+        # take the device hits and pin the host hits before allocating anything: an allocation may
+        # evict a cached device block, and that eviction may replace a host block
+        for block in on_device:
             self.pool.touch(block)
-            table.append(block)
+        host_blocks = [self.host.load(h.block_hash) for h in cached_prefix if isinstance(h, HostHit)]
+        host_blocks.reverse()
+        for hit in cached_prefix:
+            table.append(hit if isinstance(hit, Block) else self._reload(hit.block_hash, host_blocks.pop()))
         if cow:
             self._copy_on_write(table, num_computed // bs)
         for _ in range(num_needed):
@@ -88,6 +130,20 @@ class KVCacheManager:
         self.pending_copies.append((old.block_id, new.block_id))
         self.pool.free(old)
         table[idx] = new
+
+    def _reload(self, block_hash: bytes, host_block: int) -> Block:
+        """A fresh device block for a host-tier hit, published under its hash at once (the copy runs
+        before the forward of the step being scheduled, so any request of that step may share it)."""
+        block = self.pool.allocate()
+        self.pending_reloads.append((host_block, block.block_id))
+        self.pool.cache(block, block_hash)
+        return block
+
+    def _offload(self, block: Block) -> None:
+        """BlockPool's eviction hook: keep the evicted block's content in the host tier."""
+        host_block = self.host.store(block.block_hash)
+        if host_block is not None:
+            self.pending_offloads.append((block.block_id, host_block))
 
     def cache_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         """Publish the sequence's full, computed blocks in the prefix cache."""
@@ -122,17 +178,68 @@ class KVCacheManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
+    def take_moves(self) -> KVMoves:
+        """Every copy queued since the last call, for the runner to apply before the next forward."""
+        moves = KVMoves(self.pending_offloads, self.pending_reloads, self.take_pending_copies())
+        self.pending_offloads, self.pending_reloads = [], []
+        if self.host is not None:
+            self.host.unpin()
+        return moves
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, in both tiers (blocks in use keep their content)."""
+        self.pool.reset_prefix_cache()
+        if self.host is not None:
+            self.host.reset()
+
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
     def usage(self) -> dict[str, int]:
-        """Block counts by state (used: referenced; cached: free but holding a prefix; free: empty) and
-        the prefix cache's cumulative query and hit tokens."""
-        pool = self.pool
+        """Block counts by state (used: referenced; cached: free but holding a prefix; free: empty),
+        the prefix cache's cumulative query and hit tokens, and the host tier's counts."""
+        pool, host = self.pool, self.host
         return {"num_blocks": pool.num_blocks, "block_size": self.block_size, "blocks_used": pool.num_used,
                 "blocks_cached": pool.num_cached_free, "blocks_free": pool.num_free - pool.num_cached_free,
-                "prefix_query_tokens": self.prefix_query_tokens, "prefix_hit_tokens": self.prefix_hit_tokens}
+                "prefix_query_tokens": self.prefix_query_tokens, "prefix_hit_tokens": self.prefix_hit_tokens,
+                "prefix_hit_tokens_host": self.prefix_host_hit_tokens,
+                "offload_num_blocks": host.num_blocks if host else 0,
+                "offload_blocks_cached": host.num_cached if host else 0,
+                "offload_blocks_stored": host.num_stored if host else 0,
+                "offload_blocks_loaded": host.num_loaded if host else 0}
+
+    def snapshot(self) -> dict:
+        """Both tiers block by block (what GET /kv shows): state, reference count, seconds since
+        freed, LRU position, and which sequences hold each used block. Ids and counts only."""
+        pool, now = self.pool, time.monotonic()
+        blocks = pool.blocks
+        order: list[int | None] = [None] * pool.num_blocks
+        for i, block_id in enumerate(pool.free_queue):
+            order[block_id] = i
+        state = ["used" if b.ref_cnt else "free" if b.block_hash is None else "cached" for b in blocks]
+        owners: dict[str, list] = {}
+        for seq_id, table in self.block_tables.items():
+            for block in table:
+                owners.setdefault(str(block.block_id), []).append(seq_id)
+        usage = self.usage()
+        return {"block_size": self.block_size,
+                "device": {"num_blocks": pool.num_blocks, "blocks_used": usage["blocks_used"],
+                           "blocks_cached": usage["blocks_cached"], "blocks_free": usage["blocks_free"],
+                           "usage": usage["blocks_used"] / pool.num_blocks,
+                           "blocks": {"state": state, "ref_cnt": [b.ref_cnt for b in blocks],
+                                      "age_s": [None if b.freed_at is None else round(now - b.freed_at, 3)
+                                                for b in blocks],
+                                      "evict_order": order},
+                           "owners": owners},
+                "host": self.host.snapshot(now) if self.host else None,
+                "prefix_cache": {"query_tokens": self.prefix_query_tokens, "hit_tokens": self.prefix_hit_tokens,
+                                 "hit_tokens_device": self.prefix_hit_tokens - self.prefix_host_hit_tokens,
+                                 "hit_tokens_host": self.prefix_host_hit_tokens,
+                                 "hit_rate": (self.prefix_hit_tokens / self.prefix_query_tokens
+                                              if self.prefix_query_tokens else 0.0)},
+                "offload": {"blocks_offloaded": usage["offload_blocks_stored"],
+                            "blocks_reloaded": usage["offload_blocks_loaded"]}}
 
 
 def slot_mapping(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:

@@ -31,6 +31,7 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # bytes, or "4GiB"
     gpu_memory_utilization: float | None = None  # CUDA only; default 0.9 there
     cpu_kv_cache_memory: int = 2 * 2**30  # default budget on CPU when nothing is given
+    kv_offload_memory: int | str | None = None  # host-memory tier for evicted prefix blocks, e.g. "16GiB"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -43,6 +44,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        self.kv_offload_memory = parse_size(self.kv_offload_memory)
+        if self.kv_offload_memory is not None and self.kv_offload_memory < 0:
+            raise ValueError(f"kv_offload_memory must be >= 0, got {self.kv_offload_memory}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

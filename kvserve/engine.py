@@ -90,10 +90,15 @@ class EngineCore:
             raise ValueError("cuda_graphs needs the Triton attention backend")
         capture = graphs_wanted(cfg.cuda_graphs, backend.name, device)
         spec = KVSpec.for_model(self.model_config, cfg.block_size, dtype, device)
-        self.kv_pool = KVPool(spec, kv_sizing.num_kv_blocks(cfg, spec, model, capture))
+        self.kv_pool = KVPool(spec, kv_sizing.num_kv_blocks(cfg, spec, model, capture),
+                              kv_sizing.num_host_blocks(cfg, spec))
         log.info("KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", self.kv_pool.num_blocks,
                  spec.block_size, self.kv_pool.num_blocks * spec.block_size, self.kv_pool.num_bytes / 2**20,
                  str(dtype).removeprefix("torch."), device)
+        if self.kv_pool.num_host_blocks:
+            log.info("KV host tier: %d blocks = %d tokens, %.1f MiB of %s host memory",
+                     self.kv_pool.num_host_blocks, self.kv_pool.num_host_blocks * spec.block_size,
+                     self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
         self.runner = ModelRunner(model, self.kv_pool, backend)
         self.sampler = Sampler(device)
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
@@ -107,7 +112,8 @@ class EngineCore:
         self.late_compiles = 0
         identity = f"{cfg.model}|{cfg.revision}|{dtype}".encode()
         self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                                 hash_seed=hashlib.blake2b(identity, digest_size=16).digest())
+                                 hash_seed=hashlib.blake2b(identity, digest_size=16).digest(),
+                                 num_host_blocks=self.kv_pool.num_host_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens = 0
@@ -170,6 +176,9 @@ class EngineCore:
         if not sched:
             return []
         outputs = []
+        if sched.kv_moves:
+            with record_function("kvserve::move_blocks"):
+                self.runner.move_blocks(sched)
         with record_function("kvserve::execute"):
             logits, rows, failed_rows = isolation.execute(self.runner, sched)
             for row, exc in failed_rows.items():
@@ -239,6 +248,20 @@ class EngineCore:
         seq = self.requests.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq, "stop")
+
+    def kv_snapshot(self) -> dict:
+        """Both KV tiers block by block and every unfinished request's blocks (GET /kv): built
+        between two steps, ids and counts only (never a token or a text)."""
+        snap = {"time": time.time(), "step": self.num_steps, **self.kv.snapshot()}
+        requests = []
+        for seq in self.scheduler.running + list(self.scheduler.waiting):
+            requests.append({"id": seq.request_id, "status": seq.status.value, "num_tokens": len(seq),
+                             "num_prompt_tokens": seq.num_prompt_tokens,
+                             "num_computed_tokens": seq.num_computed_tokens,
+                             "num_cached_tokens": seq.num_cached_tokens,
+                             "block_table": self.kv.block_ids(seq.request_id)})
+        snap["requests"] = requests
+        return snap
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -41,17 +41,16 @@ def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[torch.Tensor | 
                     len(step.seqs), type(exc).__name__, exc)
     logits_by_row: dict[int, torch.Tensor] = {}
     failed: dict[int, Exception] = {}
-    copies = [step.block_copies]   # copy-on-write copies run once more, with the first part to run
-    _bisect(runner, step, list(range(len(step.seqs))), copies, logits_by_row, failed)
+    _bisect(runner, step, list(range(len(step.seqs))), logits_by_row, failed)
     if len(failed) == len(step.seqs) > 1:
         raise next(iter(failed.values()))   # every row fails on its own: the engine is at fault
     rows = [row for row in step.sample_rows if row in logits_by_row]
     return (torch.stack([logits_by_row[row] for row in rows]) if rows else None), rows, failed
 
 
-def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], copies: list,
+def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int],
             logits_by_row: dict[int, torch.Tensor], failed: dict[int, Exception]) -> None:
-    part = step.select(rows, copies[0])
+    part = step.select(rows)
     try:
         logits = runner.execute(part)
     except Exception as exc:
@@ -61,10 +60,9 @@ def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], copies:
             failed[rows[0]] = exc
             return
         half = len(rows) // 2
-        _bisect(runner, step, rows[:half], copies, logits_by_row, failed)
-        _bisect(runner, step, rows[half:], copies, logits_by_row, failed)
+        _bisect(runner, step, rows[:half], logits_by_row, failed)
+        _bisect(runner, step, rows[half:], logits_by_row, failed)
         return
-    copies[0] = []
     for i, part_row in enumerate(part.sample_rows):
         logits_by_row[rows[part_row]] = logits[i]
 

@@ -28,6 +28,20 @@ def num_kv_blocks(cfg: EngineConfig, spec: KVSpec, model, graphs_wanted: bool) -
     return max(1, min(cfg.cpu_kv_cache_memory, useful) // spec.bytes_per_block)
 
 
+def num_host_blocks(cfg: EngineConfig, spec: KVSpec) -> int:
+    """Blocks of the host-memory tier: kv_offload_memory over the size of one block (0: no tier)."""
+    if not cfg.kv_offload_memory:
+        return 0
+    if not cfg.enable_prefix_caching:
+        raise ValueError("kv_offload_memory keeps evicted prefix-cache blocks: it needs prefix caching, "
+                         "which is disabled")
+    blocks = cfg.kv_offload_memory // spec.bytes_per_block
+    if blocks < 1:
+        raise ValueError(f"kv_offload_memory {cfg.kv_offload_memory} bytes holds no KV block "
+                         f"({spec.bytes_per_block} bytes each for this model)")
+    return blocks
+
+
 def _profile_gpu_blocks(cfg: EngineConfig, spec: KVSpec, model, graphs_wanted: bool) -> int:
     """Blocks that fit in the device memory left after the weights, the largest forward with its
     sampling, and (with CUDA graphs) the graphs' pool and static logits."""

@@ -59,10 +59,19 @@ class EngineStats:
     generation_tokens: int          # tokens generated, cumulative
     num_steps: int
     late_compiles: int = 0          # kernels compiled after start-up (each one stalled every request)
+    prefix_hit_tokens_host: int = 0  # of prefix_hit_tokens, those found in the host tier
+    offload_num_blocks: int = 0     # host tier capacity (0: no host tier)
+    offload_blocks_cached: int = 0  # host blocks holding a cached prefix block
+    offload_blocks_stored: int = 0  # device -> host block copies, cumulative
+    offload_blocks_loaded: int = 0  # host -> device block copies, cumulative
 
     @property
     def usage(self) -> float:
         return self.blocks_used / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def offload_usage(self) -> float:
+        return self.offload_blocks_cached / self.offload_num_blocks if self.offload_num_blocks else 0.0
 
 
 @dataclass(slots=True)

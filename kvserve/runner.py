@@ -42,9 +42,15 @@ class ModelRunner:
             self.graphs = None
 
     @torch.inference_mode()
+    def move_blocks(self, step: SchedulerOutput) -> None:
+        """The step's block copies (to and from the host tier, copy-on-write): once, before its forward
+        (a step retried in parts by kvserve.isolation must not repeat them)."""
+        if step.kv_moves:
+            self.kv_pool.move_blocks(*step.kv_moves)
+
+    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Run one packed forward. Returns the logits of step.sample_rows, [len(sample_rows), V]."""
-        self.kv_pool.copy_blocks(step.block_copies)
         num_rows = len(step.num_tokens)
         if (self.graphs is not None and step.num_decodes == num_rows
                 and self.graphs.fits(num_rows, max(step.context_lens))):

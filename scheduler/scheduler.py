@@ -5,7 +5,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.cache.kv_cache_manager import KVCacheManager, slot_mapping
+from kvserve.cache.kv_cache_manager import KVCacheManager, KVMoves, slot_mapping
 from kvserve.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -26,18 +26,19 @@ class SchedulerOutput:
     input_ids: list[int] = field(default_factory=list)         # per token
     positions: list[int] = field(default_factory=list)         # per token
     slot_mapping: list[int] = field(default_factory=list)      # per token: its K/V slot in the pool
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the forward
+    kv_moves: KVMoves = field(default_factory=lambda: KVMoves([], [], []))   # block copies, before the forward
 
     @property
     def total_tokens(self) -> int:
         return len(self.input_ids)
 
-    def select(self, rows: list[int], block_copies: list[tuple[int, int]]) -> SchedulerOutput:
-        """The same step restricted to some of its rows, kept in order (so decodes stay first)."""
+    def select(self, rows: list[int]) -> SchedulerOutput:
+        """The same step restricted to some of its rows, kept in order (so decodes stay first); its
+        block copies are not repeated (they ran once, before the first forward of the step)."""
         starts = [0]
         for n in self.num_tokens:
             starts.append(starts[-1] + n)
-        out = SchedulerOutput(block_copies=block_copies)
+        out = SchedulerOutput()
         sampling = set(self.sample_rows)
         for row in rows:
             tokens = slice(starts[row], starts[row + 1])
@@ -102,7 +103,7 @@ class Scheduler:
             n = min(len(seq) - num_hit, budget)
             if not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
                 break
-            self.kv.record_prefix_query(len(seq), num_hit)
+            self.kv.record_prefix_query(len(seq), hits)
             self.waiting.popleft()
             seq.num_computed_tokens = num_hit
             if seq.num_preemptions == 0:
@@ -117,7 +118,7 @@ class Scheduler:
 
     def _output(self, scheduled: dict[Sequence, int]) -> SchedulerOutput:
         """Lay the step out for the runner: decodes first, then per-row and per-token lists."""
-        out = SchedulerOutput(block_copies=self.kv.take_pending_copies())
+        out = SchedulerOutput(kv_moves=self.kv.take_moves())
         decodes = [seq for seq in scheduled if seq.is_decoding]
         out.num_decodes = len(decodes)
         rows = decodes + [seq for seq in scheduled if not seq.is_decoding] if decodes else list(scheduled)

@@ -93,6 +93,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              unset="sized from memory")
     add_flag(p, "--kv-cache-memory", "KV pool size in bytes, e.g. 4GiB or 512MB", metavar="SIZE",
              unset="at most 2 GiB on CPU; on CUDA from --gpu-memory-utilization")
+    add_flag(p, "--kv-offload-memory", "host memory for a second KV tier: cached prefix blocks evicted from the "
+             "pool are kept there and copied back on a prefix hit, e.g. 16GiB", metavar="SIZE", unset="off")
     add_flag(p, "--gpu-memory-utilization", "fraction of GPU memory for weights + KV (CUDA)", type=float,
              metavar="FRACTION", unset="0.9 when no pool size is given")
     add_flag(p, "--max-num-seqs", "most sequences in one batch", type=int, default=256, metavar="N")
@@ -176,6 +178,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        kv_offload_memory=args.kv_offload_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,

@@ -88,6 +88,17 @@ class EngineStatsCollector(Collector):
         if stats is not None:
             for state in BLOCK_STATES:
                 blocks.add_metric(labels + [state], getattr(stats, f"blocks_{state}"))
+        host_blocks = GaugeMetricFamily("kvserve_kv_offload_blocks", "Host-memory KV tier blocks by state: "
+                                        "cached (holding an evicted prefix block), free (empty).",
+                                        labels=["model_name", "state"])
+        tier_hits = CounterMetricFamily("kvserve_prefix_cache_hit_tokens_by_tier", "Prompt tokens served from "
+                                        "the prefix cache, by the tier they were found in (device pool or host "
+                                        "memory).", labels=["model_name", "tier"])
+        if stats is not None:
+            host_blocks.add_metric(labels + ["cached"], stats.offload_blocks_cached)
+            host_blocks.add_metric(labels + ["free"], stats.offload_num_blocks - stats.offload_blocks_cached)
+            tier_hits.add_metric(labels + ["device"], stats.prefix_hit_tokens - stats.prefix_hit_tokens_host)
+            tier_hits.add_metric(labels + ["host"], stats.prefix_hit_tokens_host)
         running = self.engine.is_running if stats is not None else None
         return [
             gauge("kvserve_kv_cache_usage_ratio", "Fraction of KV cache blocks used by requests (0-1).",
@@ -103,6 +114,16 @@ class EngineStatsCollector(Collector):
                     stat("prefix_query_tokens")),
             counter("kvserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
                     stat("prefix_hit_tokens")),
+            tier_hits,
+            gauge("kvserve_kv_offload_capacity_blocks", "Host-memory KV tier size in blocks (0: --kv-offload-memory "
+                  "is off).", stat("offload_num_blocks")),
+            host_blocks,
+            gauge("kvserve_kv_offload_usage_ratio", "Fraction of host-memory KV tier blocks holding a cached "
+                  "prefix block (0-1).", stats.offload_usage if stats is not None else None),
+            counter("kvserve_kv_offload_stored_blocks", "Blocks copied from the device pool to the host tier "
+                    "(evicted cached prefix blocks).", stat("offload_blocks_stored")),
+            counter("kvserve_kv_offload_loaded_blocks", "Blocks copied back from the host tier into the device "
+                    "pool (prefix hits in the host tier).", stat("offload_blocks_loaded")),
             counter("kvserve_preemptions", "Requests preempted (blocks freed, recomputed later).",
                     stat("num_preemptions")),
             counter("kvserve_prompt_tokens", "Prompt tokens computed (prefill work).", stat("prompt_tokens")),

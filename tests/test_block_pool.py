@@ -1,7 +1,9 @@
 """Property-based tests of the block allocator and prefix cache (hypothesis state machines).
 
 A model of the KV contents rides along: every slot records the token written there, so a prefix
-hit must hand back blocks that hold exactly the tokens of the prefix it claims to match.
+hit must hand back blocks that hold exactly the tokens of the prefix it claims to match. The same
+machine runs with a host tier: evicted blocks move to host blocks and prefix hits there come back,
+through the copies the manager queues (applied in its order, before the step's writes).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
 from kvserve.cache.block_pool import BlockPool
-from kvserve.cache.kv_cache_manager import KVCacheManager
+from kvserve.cache.kv_cache_manager import HostHit, KVCacheManager
 
 BLOCK = 4
 NUM_BLOCKS = 16
@@ -21,11 +23,15 @@ TOKENS = st.builds(lambda base, tail: BASES[base] + tail, st.integers(0, len(BAS
 
 class KVCacheMachine(RuleBasedStateMachine):
     seqs = Bundle("seqs")
+    NUM_BLOCKS = NUM_BLOCKS
+    HOST_BLOCKS = 0
 
     def __init__(self):
         super().__init__()
-        self.kv = KVCacheManager(NUM_BLOCKS, BLOCK, enable_caching=True, hash_seed=b"model")
-        self.content: dict[int, list[int | None]] = {b: [None] * BLOCK for b in range(NUM_BLOCKS)}
+        self.kv = KVCacheManager(self.NUM_BLOCKS, BLOCK, enable_caching=True, hash_seed=b"model",
+                                 num_host_blocks=self.HOST_BLOCKS)
+        self.content: dict[int, list[int | None]] = {b: [None] * BLOCK for b in range(self.NUM_BLOCKS)}
+        self.host_content: dict[int, list[int | None]] = {b: [None] * BLOCK for b in range(self.HOST_BLOCKS)}
         self.tokens: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
         self.next_id = 0
@@ -41,7 +47,13 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.kv.cache_full_blocks(sid, self.tokens[sid], end)
 
     def _apply_copies(self) -> None:
-        for src, dst in self.kv.take_pending_copies():
+        """What the runner does before a forward: the step's copies, in the manager's order."""
+        offloads, reloads, copies = self.kv.take_moves()
+        for dev, host in offloads:
+            self.host_content[host] = list(self.content[dev])
+        for host, dev in reloads:
+            self.content[dev] = list(self.host_content[host])
+        for src, dst in copies:
             self.content[dst] = list(self.content[src])
 
     @rule(target=seqs, prompt=TOKENS, chunk=st.integers(1, 14))
@@ -50,14 +62,20 @@ class KVCacheMachine(RuleBasedStateMachine):
         hits = self.kv.find_cached_prefix(sid, prompt)
         num_hit = len(hits) * BLOCK
         assert num_hit < len(prompt), "the last prompt token must always be recomputed"
-        for i, block in enumerate(hits):
-            assert self.content[block.block_id] == prompt[i * BLOCK:(i + 1) * BLOCK], "stale prefix hit"
+        for i, hit in enumerate(hits):
+            held = (self.host_content[self.kv.host.lookup(hit.block_hash)] if isinstance(hit, HostHit)
+                    else self.content[hit.block_id])
+            assert held == prompt[i * BLOCK:(i + 1) * BLOCK], "stale prefix hit"
         self.tokens[sid] = list(prompt)
         end = min(len(prompt), num_hit + chunk)   # chunked prefill: maybe only part of the prompt
         if not self.kv.allocate_slots(sid, num_hit, end - num_hit, hits):
             assert sid not in self.kv.block_tables
             del self.tokens[sid]
             return None
+        self._apply_copies()
+        table = self.kv.block_ids(sid)
+        for i in range(len(hits)):
+            assert self.content[table[i]] == prompt[i * BLOCK:(i + 1) * BLOCK], "a reloaded block is stale"
         self._write(sid, num_hit, end)
         return sid
 
@@ -98,12 +116,13 @@ class KVCacheMachine(RuleBasedStateMachine):
     def evict_one(self):
         """Take a fresh block the way any allocation would, then give it back."""
         block = self.kv.pool.allocate()
+        self._apply_copies()
         self.content[block.block_id] = [None] * BLOCK
         self.kv.pool.free(block)
 
     @invariant()
     def refcounts_match_tables(self):
-        holders = [0] * NUM_BLOCKS
+        holders = [0] * self.NUM_BLOCKS
         for table in self.kv.block_tables.values():
             for block in table:
                 holders[block.block_id] += 1
@@ -111,7 +130,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         for block in pool.blocks:
             assert block.ref_cnt == holders[block.block_id], "a block is held by more tables than its count"
             assert (block.ref_cnt == 0) == (block.block_id in pool.free_queue)
-        assert pool.num_used + pool.num_free == NUM_BLOCKS
+        assert pool.num_used + pool.num_free == self.NUM_BLOCKS
         assert pool.num_cached_free == sum(1 for b in pool.free_queue if pool.blocks[b].block_hash)
         for h, block_id in pool.cached.items():
             assert pool.blocks[block_id].block_hash == h
@@ -125,12 +144,29 @@ class KVCacheMachine(RuleBasedStateMachine):
         for sid in list(self.kv.block_tables):
             self.kv.free(sid)
         pool = self.kv.pool
-        assert pool.num_free == NUM_BLOCKS and pool.num_used == 0
+        assert pool.num_free == self.NUM_BLOCKS and pool.num_used == 0
         assert all(b.ref_cnt == 0 for b in pool.blocks)
+
+
+    @invariant()
+    def host_tier_is_consistent(self):
+        host = self.kv.host
+        if host is None:
+            return
+        held = list(host.lru.values())
+        assert len(set(held)) == len(held) and not set(held) & set(host.free)
+        assert len(held) + len(host.free) == self.HOST_BLOCKS
+
+
+class HostTierMachine(KVCacheMachine):
+    NUM_BLOCKS = 8    # a small device pool: prefixes are evicted often
+    HOST_BLOCKS = 6   # and the tier itself evicts too
 
 
 TestKVCacheManager = KVCacheMachine.TestCase
 TestKVCacheManager.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestKVCacheManagerWithHostTier = HostTierMachine.TestCase
+TestKVCacheManagerWithHostTier.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 
 
 def test_lru_evicts_least_recently_freed_first():
@@ -163,3 +199,36 @@ def test_prefix_caching_off_finds_nothing():
     kv.cache_full_blocks("a", tokens, 12)
     kv.free("a")
     assert kv.find_cached_prefix("b", tokens) == []
+
+
+def test_evicted_prefix_moves_to_the_host_tier_and_comes_back():
+    kv = KVCacheManager(4, BLOCK, num_host_blocks=4)
+    tokens = list(range(9))                       # two full blocks and one token
+    assert kv.allocate_slots("a", 0, 9)
+    kv.cache_full_blocks("a", tokens, 9)
+    kv.free("a")
+    assert kv.allocate_slots("b", 0, 4 * BLOCK)   # takes every block: both cached ones are evicted
+    offloads, reloads, copies = kv.take_moves()
+    assert len(offloads) == 2 and not reloads and not copies
+    assert kv.host.num_cached == 2
+    kv.free("b")
+    hits = kv.find_cached_prefix("c", tokens)
+    assert [type(h) for h in hits] == [HostHit, HostHit]
+    assert kv.allocate_slots("c", 2 * BLOCK, 1, hits)
+    offloads, reloads, _ = kv.take_moves()
+    table = kv.block_ids("c")
+    assert [dev for _, dev in reloads] == table[:2] and not offloads
+    assert kv.find_cached_prefix("d", tokens) == kv.block_tables["c"][:2]   # published on the device at once
+    kv.record_prefix_query(9, hits)
+    usage = kv.usage()
+    assert usage["prefix_hit_tokens_host"] == 2 * BLOCK and usage["offload_blocks_loaded"] == 2
+
+
+def test_a_host_block_read_this_step_is_never_replaced_before_its_copy():
+    kv = KVCacheManager(2, BLOCK, num_host_blocks=1)
+    host = kv.host
+    assert host.store(b"x") == 0
+    assert host.load(b"x") == 0            # pinned until take_moves()
+    assert host.store(b"y") is None        # the only host block is pinned: y is dropped, not copied
+    kv.take_moves()
+    assert host.store(b"y") == 0 and host.lookup(b"x") is None

@@ -145,3 +145,27 @@ def test_decode_graph_path(tiny_arch, max_batch, buckets, tiny_model_factory, re
     # llama: 3 decodes run padded to the bucket of 4; gemma2: 3 decodes exceed the largest bucket
     assert (3 in batch_sizes) == (max_batch >= 3) and {1, 2} <= set(batch_sizes), batch_sizes
     assert llm.engine.stats().num_preemptions > 0 and llm.engine.stats().prefix_hit_tokens > 0
+
+
+@pytest.mark.parametrize("tiny_arch", sorted(ARCHITECTURES))
+def test_host_tier_reload(tiny_arch, tiny_model_factory, reference):
+    """Prefix blocks evicted from a device pool too small to keep them come back from the host tier
+    (--kv-offload-memory), with outputs equal to transformers'; also under preemption."""
+    # 12 blocks x 8 tokens: each 50-token conversation evicts the one before it
+    llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=12, max_num_batched_tokens=32,
+              kv_offload_memory="4MiB")
+    prompts = _prompts(8, (50, 50, 50))
+    first = [llm.generate([p], _greedy())[0] for p in prompts]
+    stats = llm.engine.stats()
+    assert stats.offload_blocks_stored > 0 and stats.offload_blocks_loaded == 0
+    again = llm.generate([prompts[0]], _greedy())     # evicted from the device pool by the other two
+    stats = llm.engine.stats()
+    assert again[0].num_cached_tokens == 48 and stats.prefix_hit_tokens_host >= 40, (
+        again[0].num_cached_tokens, stats)
+    assert stats.offload_blocks_loaded >= 5
+    # preemption: five sequences that cannot all fit, their prefixes moving between the tiers
+    batch = _prompts(5)
+    outputs = llm.generate(batch, _greedy())
+    assert_matches(tiny_arch, reference, prompts + prompts[:1] + batch, first + again + outputs)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.blocks_used == 0
