@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -141,6 +142,8 @@ class AsyncEngine:
         self._stopping = False
         self._started = threading.Event()
         self.dead_error: BaseException | None = None
+        self._kv_snapshot: tuple[float, bytes] | None = None         # (monotonic time it arrived, its JSON)
+        self._kv_waiter: concurrent.futures.Future | None = None    # the snapshot asked for, shared
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []
         self._writer = threading.Thread(target=self._write, name="kvserve-engine-writer", daemon=True)
@@ -174,6 +177,31 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The snapshot the engine process sent with its last step: never waits for a step."""
         return self._stats
+
+    async def kv_snapshot_json(self, max_age: float = 0.25, timeout: float = 30.0) -> bytes:
+        """Both KV tiers block by block and every unfinished request's blocks, as JSON (GET /kv;
+        docs/kv-map.md describes it). The engine process builds and encodes it between two steps;
+        callers asking at the same time share one, and one younger than max_age seconds is handed
+        out again.
+        Raises EngineDeadError if the engine is gone, TimeoutError if no snapshot came in time."""
+        with self._lock:
+            if self.dead_error is not None or self._stopping:
+                raise EngineDeadError("the engine is not running")
+            if self._kv_snapshot is not None and time.monotonic() - self._kv_snapshot[0] <= max_age:
+                return self._kv_snapshot[1]
+            if self._kv_waiter is None:
+                self._kv_waiter = concurrent.futures.Future()
+                self._outbox.put(("kv_snapshot",))
+            waiter = self._kv_waiter
+        # shield: a caller that gives up must not cancel the snapshot the others wait for
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), timeout)
+
+    def _on_kv_snapshot(self, snapshot: bytes) -> None:
+        with self._lock:
+            self._kv_snapshot = (time.monotonic(), snapshot)
+            waiter, self._kv_waiter = self._kv_waiter, None
+        if waiter is not None:
+            waiter.set_result(snapshot)
 
     def num_unfinished(self) -> int:
         return len(self._streams)
@@ -329,6 +357,9 @@ class AsyncEngine:
                 message = pickle.loads(self._results.recv_bytes())
                 if message[0] == "dead":
                     raise RuntimeError(f"the engine process died: {message[1]}")
+                if message[0] == "kv_snapshot":
+                    self._on_kv_snapshot(message[1])
+                    continue
                 self._on_step(*message[1:])
         except (EOFError, OSError, RuntimeError) as exc:
             if self._stopping and not isinstance(exc, RuntimeError):
@@ -396,6 +427,9 @@ class AsyncEngine:
         self._stopping = True
         with self._lock:
             targets = list(self._streams.values())
+            waiter, self._kv_waiter = self._kv_waiter, None
+        if waiter is not None:
+            waiter.set_exception(error)
         for stream in targets:
             try:
                 stream.loop.call_soon_threadsafe(stream.put, error)

@@ -5,10 +5,11 @@ process only steps the EngineCore. Two one-way pipes join them, each message a p
 by kvserve itself (client input crosses as ids and validated SamplingParams, never as code):
 
   API -> core   a list of commands: ("add", id, prompt_ids, params, arrival_time), ("abort", id),
-                ("stop", id) (a stop string ended it), ("shutdown",)
+                ("stop", id) (a stop string ended it), ("kv_snapshot",), ("shutdown",)
   core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
                 then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
-                commands that changed something while idle); ("dead", message) if the loop dies.
+                commands that changed something while idle); ("kv_snapshot", json_bytes) between two
+                steps when asked (GET /kv); ("dead", message) if the loop dies.
 
 The two never share a GIL, so a busy event loop cannot slow a step and a step cannot stall
 /health. If the API process goes away the pipe ends and this process exits; if this process dies
@@ -122,7 +123,7 @@ def _loop(core, commands: Connection, results: Connection) -> None:
         outputs, changed = [], False
         # wait for work only when there is none; otherwise take what has arrived, a bounded number
         # of messages per step (a flood of adds and aborts cannot hold the running requests back)
-        taken = 0
+        taken, snapshot_wanted = 0, False
         while taken < MAX_MESSAGES_PER_STEP and commands.poll(
                 None if not core.has_unfinished() and not changed else 0):
             taken += 1
@@ -141,11 +142,16 @@ def _loop(core, commands: Connection, results: Connection) -> None:
                         outputs.append(out)
                 elif kind == "stop":
                     core.stop(cmd[1])
+                elif kind == "kv_snapshot":
+                    snapshot_wanted = True
                 elif kind == "shutdown":
                     outputs += [core.abort(request_id) for request_id in list(core.requests)]
                     _send(results, ("step", outputs, core.stats(), None, adds_taken))
                     return
             changed = True
+        if snapshot_wanted:   # after this batch of commands, before the next step: never inside one
+            # encoded here, in this process: a 100,000-block map costs the API process no GIL time
+            _send(results, ("kv_snapshot", json.dumps(core.kv_snapshot(), separators=(",", ":")).encode()))
         if core.has_unfinished():
             outputs += core.step()
         if outputs or changed or step_stats:    # an empty schedule (nothing fits yet) sends nothing

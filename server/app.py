@@ -4,14 +4,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
+import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 import kvserve
 from kvserve.server import routes_openai, routes_tgi
@@ -142,6 +144,29 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
             return PlainTextResponse("metrics are not available yet\n", status_code=503)
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/kv", tags=["system"], responses={503: {"description": "loading, shutting down or dead"}})
+    async def kv_map() -> Response:
+        """The KV cache right now: both tiers block by block (state, reference count, age, owners) and
+        every unfinished request's block table. Ids and counts only, never text (docs/kv-map.md)."""
+        engine = state.engine
+        if engine is None or not engine.is_running:
+            return JSONResponse({"error": "the engine is not running", "error_type": "unavailable"}, 503)
+        try:
+            body = await engine.kv_snapshot_json()
+        except (kvserve.EngineDeadError, TimeoutError) as exc:
+            return JSONResponse({"error": f"no KV snapshot: {exc}", "error_type": "unavailable"}, 503)
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    @app.get("/kv/view", include_in_schema=False)
+    async def kv_view() -> Response:
+        """A page that polls /kv and draws the cache (self-contained: no CDN)."""
+        return HTMLResponse(kv_view_page(), headers={"Cache-Control": "no-cache"})
+
+
+@functools.cache
+def kv_view_page() -> str:
+    return importlib.resources.files("kvserve.server").joinpath("kv_view.html").read_text(encoding="utf-8")
 
 
 def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvserve", *,

@@ -1,7 +1,8 @@
 """The HTTP edge, before any route runs: the API key and the request-size limit.
 
 Both are ASGI middleware, so every route (today's and future ones) passes through them. Probes and
-scrapes stay open: /health and /metrics need no key, and neither do the API documentation pages.
+scrapes stay open: /health and /metrics need no key, and neither do the API documentation pages
+nor the KV map's page (/kv/view holds no data; the /kv it polls needs the key).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvserve.server.errors import APIError, Family
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/kv/view", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json"})
 
 
 def family_of_path(path: str) -> Family:

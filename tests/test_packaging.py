@@ -84,7 +84,7 @@ def test_wheel_holds_the_one_package_kvserve(dists):
     for sub in SUBPACKAGES:
         assert f"kvserve/{sub}/__init__.py" in names, sub
     assert {"kvserve/__init__.py", "kvserve/__main__.py", "kvserve/py.typed", "kvserve/server/cli.py",
-            "kvserve/bench/cli.py"} <= names
+            "kvserve/bench/cli.py", "kvserve/server/kv_view.html"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     info = wheel_files(dists["wheel"])
     entry_points = info[f"kvserve-{v}.dist-info/entry_points.txt"].decode()
