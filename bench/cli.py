@@ -11,6 +11,7 @@ BENCHMARKS = {
     "cache-speedup": "kvserve.bench.cache_speedup",
     "memory": "kvserve.bench.memory",
     "prefix": "kvserve.bench.prefix",
+    "offload": "kvserve.bench.offload",
     "serve": "kvserve.bench.serve",
     "served": "kvserve.bench.served",
     "decode-floor": "kvserve.bench.decode_floor",

@@ -177,3 +177,31 @@ def test_served_benchmark_end_to_end(tmp_path):
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert replot.returncode == 0, replot.stderr[-3000:]
     assert (cwd / "again" / "served.png").exists()
+
+
+def test_offload_benchmark_end_to_end(tmp_path):
+    """`kvserve bench offload` on the tiny model, 4 short conversations in a pool for one: the tier-on run finds
+    turn 2's history in the host tier, and both runs' greedy outputs are the same."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": "", "COLUMNS": "100"}
+    cmd = [sys.executable, "-m", "kvserve", "bench", "offload", "--model-shape", "tiny", "--conversations", "4",
+           "--history", "96", "--answer-len", "4", "--user-len", "16", "--pool-conversations", "1",
+           "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = cwd / "bench-results" / "offload"
+    payload = json.loads((out / "offload.json").read_text())
+    assert payload["benchmark"] == "offload" and payload["machine"]["cpu_model"]
+    assert payload["identical_outputs"] is True
+    assert "outputs with and without the tier are identical" in proc.stdout and "machine: " in proc.stdout
+    off, on = payload["summary"]["off"]["stats"], payload["summary"]["on"]["stats"]
+    assert off["prefix_hit_tokens"] == 0                    # the pool holds one conversation: turn 2 misses
+    assert not off["offload_num_blocks"] and not off["offload_blocks_stored"]
+    assert on["offload_num_blocks"] > 0 and on["offload_blocks_stored"] > 0 and on["offload_blocks_loaded"] > 0
+    assert on["prefix_hit_tokens_host"] >= 4 * 96 // 16 * 16 - 16  # nearly every history block, from the host
+    assert payload["summary"]["on"]["turn2_cached_tokens_mean"] >= 80
+    assert payload["ratio"]["turn2_ttft_p50"] > 0
+    assert (out / "offload.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
