@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -20,7 +21,6 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
-    freed_at: float | None = None   # time.monotonic() when its reference count last dropped to zero
 
 
 class BlockPool:
@@ -30,8 +30,11 @@ class BlockPool:
     hash, so a later request can take it back (a prefix hit) until it is evicted for a fresh one.
     Every operation is O(1): the free queue is an OrderedDict used as a doubly linked list.
     `on_evict(block)` runs when a cached block is taken for fresh content, before its hash is dropped
-    (the host-memory tier copies it out then).
+    (the host-memory tier copies it out then). `state` and `freed_at` keep every block's state and the
+    time it was last freed in flat arrays, so the live map (GET /kv) reads them without a loop.
     """
+
+    FREE, CACHED, USED = 0, 1, 2     # codes in `state`
 
     def __init__(self, num_blocks: int, enable_caching: bool = True,
                  on_evict: Callable[[Block], None] | None = None):
@@ -43,6 +46,8 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}
         self.num_cached_free = 0
+        self.state = bytearray(num_blocks)                  # FREE / CACHED / USED per block
+        self.freed_at = array("d", bytes(8 * num_blocks))   # time.monotonic() of its last free (0: never)
 
     @property
     def num_free(self) -> int:
@@ -65,7 +70,7 @@ class BlockPool:
             self._uncache(block)
             self.num_cached_free -= 1
         block.ref_cnt = 1
-        block.freed_at = None
+        self.state[block_id] = self.USED
         return block
 
     def lookup(self, block_hash: bytes) -> Block | None:
@@ -76,7 +81,7 @@ class BlockPool:
         """Take one more reference to a block (a prefix hit or a fork)."""
         if block.ref_cnt == 0:
             del self.free_queue[block.block_id]
-            block.freed_at = None
+            self.state[block.block_id] = self.USED
             if block.block_hash is not None:
                 self.num_cached_free -= 1
         block.ref_cnt += 1
@@ -86,9 +91,12 @@ class BlockPool:
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
             self.free_queue[block.block_id] = None
-            block.freed_at = time.monotonic()
+            self.freed_at[block.block_id] = time.monotonic()
             if block.block_hash is not None:
                 self.num_cached_free += 1
+                self.state[block.block_id] = self.CACHED
+            else:
+                self.state[block.block_id] = self.FREE
 
     def cache(self, block: Block, block_hash: bytes) -> None:
         """Publish a full, computed block under its prefix hash (first writer wins)."""
@@ -98,6 +106,9 @@ class BlockPool:
             return  # an identical block is already cached; this one stays private
         block.block_hash = block_hash
         self.cached[block_hash] = block.block_id
+        if block.ref_cnt == 0:
+            self.state[block.block_id] = self.CACHED
+            self.num_cached_free += 1
 
     def _uncache(self, block: Block) -> None:
         del self.cached[block.block_hash]
@@ -108,4 +119,5 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.block_hash is not None:
                 self._uncache(block)
+                self.state[block_id] = self.FREE
         self.num_cached_free = 0

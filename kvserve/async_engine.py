@@ -37,6 +37,8 @@ from kvserve.scheduler.sampling_params import SamplingParams
 log = logging.getLogger("kvserve")
 _CLOSE = object()
 _QUIET = object()
+KV_SNAPSHOT_MIN_AGE = 0.25     # seconds a KV map is handed out again, at least
+KV_SNAPSHOT_COST_FACTOR = 20   # ... and 20x its build time: watching it costs the engine <= 5% of its time
 
 
 class _Stream:
@@ -142,7 +144,7 @@ class AsyncEngine:
         self._stopping = False
         self._started = threading.Event()
         self.dead_error: BaseException | None = None
-        self._kv_snapshot: tuple[float, bytes] | None = None         # (monotonic time it arrived, its JSON)
+        self._kv_snapshot: tuple[float, bytes, float] | None = None  # (time it arrived, JSON, build seconds)
         self._kv_waiter: concurrent.futures.Future | None = None    # the snapshot asked for, shared
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []
@@ -178,17 +180,23 @@ class AsyncEngine:
         """The snapshot the engine process sent with its last step: never waits for a step."""
         return self._stats
 
-    async def kv_snapshot_json(self, max_age: float = 0.25, timeout: float = 30.0) -> bytes:
+    async def kv_snapshot_json(self, max_age: float | None = None, timeout: float = 30.0) -> bytes:
         """Both KV tiers block by block and every unfinished request's blocks, as JSON (GET /kv;
         docs/kv-map.md describes it). The engine process builds and encodes it between two steps;
         callers asking at the same time share one, and one younger than max_age seconds is handed
-        out again.
+        out again. By default max_age is 0.25 s, or 20 times what the last map took to build if more:
+        on a large pool a map costs the engine a pause between two steps, and watching it must not
+        take more than 5% of the engine's time.
         Raises EngineDeadError if the engine is gone, TimeoutError if no snapshot came in time."""
         with self._lock:
             if self.dead_error is not None or self._stopping:
                 raise EngineDeadError("the engine is not running")
-            if self._kv_snapshot is not None and time.monotonic() - self._kv_snapshot[0] <= max_age:
-                return self._kv_snapshot[1]
+            if self._kv_snapshot is not None:
+                arrived, body, cost = self._kv_snapshot
+                if max_age is None:
+                    max_age = max(KV_SNAPSHOT_MIN_AGE, KV_SNAPSHOT_COST_FACTOR * cost)
+                if time.monotonic() - arrived <= max_age:
+                    return body
             if self._kv_waiter is None:
                 self._kv_waiter = concurrent.futures.Future()
                 self._outbox.put(("kv_snapshot",))
@@ -196,9 +204,9 @@ class AsyncEngine:
         # shield: a caller that gives up must not cancel the snapshot the others wait for
         return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), timeout)
 
-    def _on_kv_snapshot(self, snapshot: bytes) -> None:
+    def _on_kv_snapshot(self, snapshot: bytes, cost: float) -> None:
         with self._lock:
-            self._kv_snapshot = (time.monotonic(), snapshot)
+            self._kv_snapshot = (time.monotonic(), snapshot, cost)
             waiter, self._kv_waiter = self._kv_waiter, None
         if waiter is not None:
             waiter.set_result(snapshot)
@@ -358,7 +366,7 @@ class AsyncEngine:
                 if message[0] == "dead":
                     raise RuntimeError(f"the engine process died: {message[1]}")
                 if message[0] == "kv_snapshot":
-                    self._on_kv_snapshot(message[1])
+                    self._on_kv_snapshot(*message[1:])
                     continue
                 self._on_step(*message[1:])
         except (EOFError, OSError, RuntimeError) as exc:

@@ -8,8 +8,8 @@ by kvserve itself (client input crosses as ids and validated SamplingParams, nev
                 ("stop", id) (a stop string ended it), ("kv_snapshot",), ("shutdown",)
   core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
                 then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
-                commands that changed something while idle); ("kv_snapshot", json_bytes) between two
-                steps when asked (GET /kv); ("dead", message) if the loop dies.
+                commands that changed something while idle); ("kv_snapshot", json_bytes, seconds_it_took)
+                between two steps when asked (GET /kv); ("dead", message) if the loop dies.
 
 The two never share a GIL, so a busy event loop cannot slow a step and a step cannot stall
 /health. If the API process goes away the pipe ends and this process exits; if this process dies
@@ -25,6 +25,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Connection
 
 log = logging.getLogger("kvserve")
@@ -151,7 +152,9 @@ def _loop(core, commands: Connection, results: Connection) -> None:
             changed = True
         if snapshot_wanted:   # after this batch of commands, before the next step: never inside one
             # encoded here, in this process: a 100,000-block map costs the API process no GIL time
-            _send(results, ("kv_snapshot", json.dumps(core.kv_snapshot(), separators=(",", ":")).encode()))
+            t0 = time.perf_counter()
+            body = json.dumps(core.kv_snapshot(), separators=(",", ":")).encode()
+            _send(results, ("kv_snapshot", body, time.perf_counter() - t0))
         if core.has_unfinished():
             outputs += core.step()
         if outputs or changed or step_stats:    # an empty schedule (nothing fits yet) sends nothing
