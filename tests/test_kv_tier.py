@@ -184,3 +184,34 @@ def test_offline_engine_snapshot_and_config_errors(demo_model_dir):
         LLM(demo_model_dir, device="cpu", kv_offload_memory="1KB")
     with pytest.raises(ValueError, match="cannot parse size"):
         EngineConfig(model=demo_model_dir, kv_offload_memory="lots")
+
+
+def test_a_step_that_fails_in_part_moves_its_blocks_once(demo_model_dir, monkeypatch):
+    """A request that breaks the forward of a step full of host-tier reloads fails alone: the step's
+    block copies ran once, before the retries, and every other request gets its undisturbed tokens."""
+    from kvserve import LLM
+    llm = LLM(demo_model_dir, device="cpu", block_size=8, num_kv_blocks=20, max_num_batched_tokens=64,
+              kv_offload_memory="4MiB")
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [conversation(20 + i)[:70] for i in range(4)]
+    undisturbed = [llm.generate([p], greedy)[0].token_ids for p in prompts]   # each evicts the one before
+    assert llm.engine.stats().offload_blocks_stored > 0
+    used = {t for p in prompts for t in llm.engine.encode(p)} | {t for ids in undisturbed for t in ids}
+    poison = next(t for t in range(3, 250) if t not in used)
+    model = llm.engine.runner.model
+    forward = model.forward
+
+    def poisoned_forward(*args, input_ids=None, **kwargs):
+        if bool((input_ids == poison).any()):
+            raise RuntimeError("the forward cannot take this request")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", poisoned_forward)
+    loaded = llm.engine.stats().offload_blocks_loaded
+    outs = llm.generate(prompts + [[poison, 1, 2]], [greedy] * 5)
+    assert outs[-1].finish_reason == "error" and "cannot take this request" in outs[-1].error
+    assert [o.token_ids for o in outs[:-1]] == undisturbed
+    assert llm.engine.stats().offload_blocks_loaded > loaded
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == undisturbed
+    assert llm.engine.stats().blocks_used == 0
