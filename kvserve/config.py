@@ -9,9 +9,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 def parse_size(value: int | float | str | None) -> int | None:
-    """Parse a byte size such as 4GiB, 512MB, 1.5gb or 1000000 into bytes."""
+    """Parse a byte size such as 4GiB, 512MB, 1.5gb or 1000000 into bytes; None or an empty
+    string (an environment variable set to nothing) is None: unset."""
     if value is None or isinstance(value, (int, float)):
         return None if value is None else int(value)
+    if not value.strip():
+        return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot parse size {value!r}: expected a number with an optional unit like 4GiB or 512MB")

@@ -231,3 +231,19 @@ def test_triton_cache_lives_on_the_volume():
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     mounts = [v.rsplit(":", 2)[1] if v.count(":") >= 1 else v for v in compose["services"]["kvserve"]["volumes"]]
     assert any(cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)
+
+
+def test_compose_environment_makes_a_valid_engine_config(monkeypatch):
+    """Every KVSERVE_ variable compose sets, at its default (often empty: unset), parses into a valid
+    EngineConfig; the host tier's size is read from KVSERVE_KV_OFFLOAD_MEMORY."""
+    from kvserve.server.cli import build_parser, engine_config
+
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    for key, value in compose["services"]["kvserve"]["environment"].items():
+        default = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
+        monkeypatch.setenv(key, default.group(1) if default else str(value))
+    args = build_parser().parse_args(["serve"])
+    assert engine_config(args, args.model).kv_offload_memory is None
+    monkeypatch.setenv("KVSERVE_KV_OFFLOAD_MEMORY", "32GiB")
+    args = build_parser().parse_args(["serve"])
+    assert engine_config(args, args.model).kv_offload_memory == 32 * 2**30
