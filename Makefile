@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # What the installed package is built from: a change to any of these reinstalls it.
 SOURCES := pyproject.toml README.md $(shell find kvserve server cache scheduler bench -type f \
-             \( -name '*.py' -o -name py.typed \) -not -path '*/__pycache__/*')
+             \( -name '*.py' -o -name py.typed -o -name '*.html' \) -not -path '*/__pycache__/*')
 
 .PHONY: setup serve test develop bench clean
 

@@ -253,6 +253,8 @@ class EngineCore:
         """Both KV tiers block by block and every unfinished request's blocks (GET /kv): built
         between two steps, ids and counts only (never a token or a text)."""
         snap = {"time": time.time(), "step": self.num_steps, **self.kv.snapshot()}
+        if snap["host"] is not None:
+            snap["host"]["bytes"] = self.kv_pool.num_host_bytes
         requests = []
         for seq in self.scheduler.running + list(self.scheduler.waiting):
             requests.append({"id": seq.request_id, "status": seq.status.value, "num_tokens": len(seq),
