@@ -77,7 +77,8 @@ def kvserve(workdir, demo_model_dir):
     port = free_port()
     log = workdir / "kvserve.log"
     argv = [sys.executable, "-m", "kvserve", "serve", "--model", demo_model_dir, "--served-model-name", MODEL_NAME,
-            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--num-kv-blocks", str(NUM_KV_BLOCKS)]
+            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--num-kv-blocks", str(NUM_KV_BLOCKS),
+            "--kv-offload-memory", "8MiB"]   # the host tier's panels then show real values
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -245,6 +246,10 @@ def test_load_filled_and_freed_the_cache(prometheus, loaded):
     assert instant_value(prometheus, f'kvserve_kv_cache_blocks{{model_name="{MODEL_NAME}",state="used"}}') == 0
     assert instant_value(prometheus, f"increase(kvserve_prefix_cache_hit_tokens_total{sel}[{window}])", end) > 0
     assert instant_value(prometheus, f"kvserve_preemptions_total{sel}") > 0
+    # the load evicted cached prefix blocks: the host tier kept them
+    assert instant_value(prometheus, f"kvserve_kv_offload_capacity_blocks{sel}") > 0
+    assert instant_value(prometheus, f"increase(kvserve_kv_offload_stored_blocks_total{sel}[{window}])", end) > 0
+    assert instant_value(prometheus, f'kvserve_kv_offload_blocks{{model_name="{MODEL_NAME}",state="cached"}}') > 0
     assert instant_value(prometheus, f"kvserve_time_to_first_token_seconds_count{sel}") >= completed >= 18
     assert instant_value(prometheus, f"sum(kvserve_request_success_total{sel})") == completed
     assert instant_value(
