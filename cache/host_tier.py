@@ -18,7 +18,9 @@ class HostTier:
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))   # pop() hands out 0, 1, ... first
         self.lru: OrderedDict[bytes, int] = OrderedDict()           # hash -> host block, oldest first
         self.touched_at: list[float | None] = [None] * num_blocks
-        self.pinned: set[int] = set()    # read by a reload queued this step: never replaced before it runs
+        # read by a reload or written by an offload queued this step: not handed out again before the
+        # step's copies ran (a second write to one host block in a step would race the first)
+        self.pinned: set[int] = set()
         self.num_stored = 0              # device -> host copies queued, cumulative
         self.num_loaded = 0              # host -> device copies queued, cumulative
 
@@ -31,7 +33,8 @@ class HostTier:
 
     def store(self, block_hash: bytes) -> int | None:
         """A device block with this hash is being evicted: the host block to copy it into, or None
-        when no copy is needed (the tier has it already) or possible (every host block is pinned)."""
+        when no copy is needed (the tier has it already) or possible (every host block is taken by this
+        step's copies)."""
         host_block = self.lru.get(block_hash)
         if host_block is not None:
             self._touch(block_hash, host_block)
@@ -45,6 +48,7 @@ class HostTier:
             host_block = self.lru.pop(victim)
         self.lru[block_hash] = host_block
         self.touched_at[host_block] = time.monotonic()
+        self.pinned.add(host_block)
         self.num_stored += 1
         return host_block
 
@@ -67,6 +71,7 @@ class HostTier:
     def reset(self) -> None:
         self.free = list(range(self.num_blocks - 1, -1, -1))
         self.lru.clear()
+        self.pinned.clear()
         self.touched_at = [None] * self.num_blocks
 
     def snapshot(self, now: float) -> dict:

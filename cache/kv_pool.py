@@ -1,9 +1,12 @@
 """The KV tensor pool: every layer's K and V blocks, and the host-to-device copies that feed it."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("kvserve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,8 @@ class KVPool:
     one device block of every layer, K then V, contiguous (one copy moves it).
     """
 
-    COPY_CHUNK = 64   # blocks gathered per copy between the tiers (bounds the device staging buffer)
+    COPY_CHUNK_BYTES = 64 * 2**20   # blocks staged on the device per copy between the tiers, at most
+    COPY_CHUNK_BLOCKS = 64
 
     def __init__(self, spec: KVSpec, num_blocks: int, num_host_blocks: int = 0):
         self.spec = spec
@@ -57,12 +61,12 @@ class KVPool:
         self.num_host_blocks = num_host_blocks
         self.host: torch.Tensor | None = None
         self.copy_stream = None
+        self.copy_chunk = max(1, min(self.COPY_CHUNK_BLOCKS, self.COPY_CHUNK_BYTES // spec.bytes_per_block))
         if num_host_blocks:
-            on_cuda = spec.device.type == "cuda"
             # empty, not zeros: a host block is only ever read after it was written
-            self.host = torch.empty((num_host_blocks, spec.num_layers, 2) + shape[1:], dtype=spec.dtype,
-                                    pin_memory=on_cuda)
-            if on_cuda:
+            self.host = torch.empty((num_host_blocks, spec.num_layers, 2) + shape[1:], dtype=spec.dtype)
+            if spec.device.type == "cuda":
+                _pin(self.host)
                 self.copy_stream = torch.cuda.Stream(spec.device)
 
     @property
@@ -100,26 +104,31 @@ class KVPool:
                 v_cache[dst].copy_(v_cache[src])
 
     def _move_tiers(self, offloads: list[tuple[int, int]], reloads: list[tuple[int, int]]) -> None:
-        device, chunk = self.spec.device, self.COPY_CHUNK
+        """Off the CPU, one gather per layer into a staging buffer and one copy per block (the host
+        tier's blocks are contiguous); on the CPU, index copies straight between the two pools."""
+        device, chunk = self.spec.device, self.copy_chunk
+        on_cpu = device.type == "cpu"
+        block_shape = self.host.shape[1:]
         for i in range(0, len(offloads), chunk):
             part = offloads[i:i + chunk]
             src = torch.tensor([d for d, _ in part], device=device)
-            # [n, num_layers, 2, block_size, heads, dim]: each block of every layer, contiguous
-            staged = torch.stack([torch.stack((k.index_select(0, src), v.index_select(0, src)), 1)
-                                  for k, v in self.caches], 1)
-            if device.type == "cuda":
+            staged = torch.empty((len(part),) + block_shape, dtype=self.host.dtype, device=device)
+            for layer, (k, v) in enumerate(self.caches):
+                staged[:, layer, 0] = k.index_select(0, src)
+                staged[:, layer, 1] = v.index_select(0, src)
+            if on_cpu:
+                self.host.index_copy_(0, torch.tensor([h for _, h in part]), staged)
+            else:
                 for j, (_, host_block) in enumerate(part):
                     self.host[host_block].copy_(staged[j], non_blocking=True)
-            else:
-                self.host.index_copy_(0, torch.tensor([h for _, h in part]), staged)
         for i in range(0, len(reloads), chunk):
             part = reloads[i:i + chunk]
-            if device.type == "cuda":
-                staged = torch.empty((len(part),) + self.host.shape[1:], dtype=self.host.dtype, device=device)
+            if on_cpu:
+                staged = self.host.index_select(0, torch.tensor([h for h, _ in part]))
+            else:
+                staged = torch.empty((len(part),) + block_shape, dtype=self.host.dtype, device=device)
                 for j, (host_block, _) in enumerate(part):
                     staged[j].copy_(self.host[host_block], non_blocking=True)
-            else:
-                staged = self.host.index_select(0, torch.tensor([h for h, _ in part]))
             dst = torch.tensor([d for _, d in part], device=device)
             for layer, (k, v) in enumerate(self.caches):
                 k.index_copy_(0, dst, staged[:, layer, 0])
@@ -130,6 +139,17 @@ class KVPool:
                 "num_tokens": self.num_blocks * self.block_size, "bytes": self.num_bytes,
                 "dtype": str(self.spec.dtype).removeprefix("torch."), "device": str(self.spec.device),
                 "host_blocks": self.num_host_blocks, "host_bytes": self.num_host_bytes}
+
+
+def _pin(tensor: torch.Tensor) -> None:
+    """Page-lock a host tensor in place for asynchronous copies. cudaHostRegister pins exactly its
+    bytes (pin_memory=True goes through torch's caching host allocator, which rounds a request up to
+    the next power of two: 40 GiB would lock 64). Without it the copies still run, synchronously."""
+    size = tensor.numel() * tensor.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), size, 0))
+    if err != 0:
+        log.warning("could not pin the %.1f GiB host KV tier (cudaError %d): its copies will be synchronous",
+                    size / 2**30, err)
 
 
 def upload(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

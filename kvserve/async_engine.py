@@ -187,7 +187,8 @@ class AsyncEngine:
         out again. By default max_age is 0.25 s, or 20 times what the last map took to build if more:
         on a large pool a map costs the engine a pause between two steps, and watching it must not
         take more than 5% of the engine's time.
-        Raises EngineDeadError if the engine is gone, TimeoutError if no snapshot came in time."""
+        Raises EngineDeadError if the engine is gone, TimeoutError if no snapshot came in time, and
+        RuntimeError if the engine could not build one."""
         with self._lock:
             if self.dead_error is not None or self._stopping:
                 raise EngineDeadError("the engine is not running")
@@ -204,11 +205,16 @@ class AsyncEngine:
         # shield: a caller that gives up must not cancel the snapshot the others wait for
         return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(waiter)), timeout)
 
-    def _on_kv_snapshot(self, snapshot: bytes, cost: float) -> None:
+    def _on_kv_snapshot(self, snapshot: bytes | BaseException, cost: float) -> None:
         with self._lock:
-            self._kv_snapshot = (time.monotonic(), snapshot, cost)
+            if not isinstance(snapshot, BaseException):
+                self._kv_snapshot = (time.monotonic(), snapshot, cost)
             waiter, self._kv_waiter = self._kv_waiter, None
-        if waiter is not None:
+        if waiter is None:
+            return
+        if isinstance(snapshot, BaseException):
+            waiter.set_exception(RuntimeError(f"the engine could not build the KV map: {snapshot!r}"))
+        else:
             waiter.set_result(snapshot)
 
     def num_unfinished(self) -> int:

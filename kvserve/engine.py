@@ -173,12 +173,12 @@ class EngineCore:
         t0 = time.perf_counter()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
+        if sched.kv_moves:      # queued copies run even if nothing was scheduled: none may be lost
+            with record_function("kvserve::move_blocks"):
+                self.runner.move_blocks(sched)
         if not sched:
             return []
         outputs = []
-        if sched.kv_moves:
-            with record_function("kvserve::move_blocks"):
-                self.runner.move_blocks(sched)
         with record_function("kvserve::execute"):
             logits, rows, failed_rows = isolation.execute(self.runner, sched)
             for row, exc in failed_rows.items():

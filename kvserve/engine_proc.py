@@ -8,8 +8,8 @@ by kvserve itself (client input crosses as ids and validated SamplingParams, nev
                 ("stop", id) (a stop string ended it), ("kv_snapshot",), ("shutdown",)
   core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
                 then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
-                commands that changed something while idle); ("kv_snapshot", json_bytes, seconds_it_took)
-                between two steps when asked (GET /kv); ("dead", message) if the loop dies.
+                commands that changed something while idle); ("kv_snapshot", json_bytes or the exception,
+                seconds_it_took) between two steps when asked (GET /kv); ("dead", message) if the loop dies.
 
 The two never share a GIL, so a busy event loop cannot slow a step and a step cannot stall
 /health. If the API process goes away the pipe ends and this process exits; if this process dies
@@ -153,7 +153,11 @@ def _loop(core, commands: Connection, results: Connection) -> None:
         if snapshot_wanted:   # after this batch of commands, before the next step: never inside one
             # encoded here, in this process: a 100,000-block map costs the API process no GIL time
             t0 = time.perf_counter()
-            body = json.dumps(core.kv_snapshot(), separators=(",", ":")).encode()
+            try:
+                body = json.dumps(core.kv_snapshot(), separators=(",", ":")).encode()
+            except Exception as exc:  # noqa: BLE001 - a map that cannot be built fails its callers, not the engine
+                log.exception("the KV map could not be built")
+                body = _portable(exc)
             _send(results, ("kv_snapshot", body, time.perf_counter() - t0))
         if core.has_unfinished():
             outputs += core.step()

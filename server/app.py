@@ -154,8 +154,9 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"error": "the engine is not running", "error_type": "unavailable"}, 503)
         try:
             body = await engine.kv_snapshot_json()
-        except (kvserve.EngineDeadError, TimeoutError) as exc:
-            return JSONResponse({"error": f"no KV snapshot: {exc}", "error_type": "unavailable"}, 503)
+        except (kvserve.EngineDeadError, TimeoutError, asyncio.TimeoutError, RuntimeError) as exc:
+            return JSONResponse({"error": f"no KV map: {exc or type(exc).__name__}", "error_type": "unavailable"},
+                                503)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     @app.get("/kv/view", include_in_schema=False)

@@ -232,3 +232,17 @@ def test_a_host_block_read_this_step_is_never_replaced_before_its_copy():
     assert host.store(b"y") is None        # the only host block is pinned: y is dropped, not copied
     kv.take_moves()
     assert host.store(b"y") == 0 and host.lookup(b"x") is None
+    assert host.store(b"z") is None        # nor written twice in one step (the two copies would race)
+    kv.take_moves()
+    assert host.store(b"z") == 0 and host.lookup(b"y") is None
+
+
+def test_one_step_never_queues_two_copies_into_one_host_block():
+    kv = KVCacheManager(4, BLOCK, num_host_blocks=1)
+    tokens = list(range(2 * BLOCK + 1))
+    assert kv.allocate_slots("a", 0, len(tokens))
+    kv.cache_full_blocks("a", tokens, len(tokens))
+    kv.free("a")
+    assert kv.allocate_slots("b", 0, 4 * BLOCK)   # evicts both cached blocks in one step
+    offloads, _, _ = kv.take_moves()
+    assert len(offloads) == 1 and len({h for _, h in offloads}) == 1

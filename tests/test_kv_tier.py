@@ -215,3 +215,37 @@ def test_a_step_that_fails_in_part_moves_its_blocks_once(demo_model_dir, monkeyp
     monkeypatch.undo()
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == undisturbed
     assert llm.engine.stats().blocks_used == 0
+
+
+# Loaded by the engine process (PYTHONPATH): its first KV map raises.
+FIRST_MAP_FAILS = """
+import kvserve.engine
+_build = kvserve.engine.EngineCore.kv_snapshot
+_calls = []
+def kv_snapshot(self):
+    _calls.append(1)
+    if len(_calls) == 1:
+        raise ValueError("the map broke")
+    return _build(self)
+kvserve.engine.EngineCore.kv_snapshot = kv_snapshot
+"""
+
+
+def test_a_map_that_cannot_be_built_fails_its_callers_not_the_engine(demo_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(FIRST_MAP_FAILS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    engine = AsyncEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_kv_blocks=16))
+    engine.start()
+    try:
+        async def main():
+            with pytest.raises(RuntimeError, match="the map broke"):
+                await engine.kv_snapshot_json()
+            last = None
+            async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0)):
+                last = out
+            assert last.finished and len(last.token_ids) == 3
+            return json.loads(await engine.kv_snapshot_json())
+        snap = asyncio.run(main())
+        assert snap["device"]["num_blocks"] == 16 and engine.is_running
+    finally:
+        engine.shutdown()
