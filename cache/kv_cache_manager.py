@@ -4,8 +4,6 @@ from __future__ import annotations
 import time
 from typing import Hashable, NamedTuple, Sequence, Union
 
-import numpy as np
-
 from kvserve.cache.block_pool import Block, BlockPool, hash_block_tokens
 from kvserve.cache.host_tier import HostTier
 
@@ -215,6 +213,7 @@ class KVCacheManager:
         """Both tiers block by block (what GET /kv shows): state, reference count, seconds since
         freed, LRU position, and which sequences hold each used block. Ids and counts only.
         Vectorized over the pool's flat arrays: a 100,000-block pool takes a few tens of ms."""
+        import numpy as np   # here, not at the top: `import kvserve` loads only the standard library
         pool, now = self.pool, time.monotonic()
         n = pool.num_blocks
         codes = np.frombuffer(pool.state, dtype=np.uint8)
@@ -230,13 +229,14 @@ class KVCacheManager:
         order[queue] = np.arange(len(queue))
         freed_at = np.frombuffer(pool.freed_at, dtype=np.float64)
         age = np.round(now - freed_at, 1)
+        state = np.array(_STATE_NAMES, dtype=object)[codes].tolist()
         idle = codes != BlockPool.USED
         usage = self.usage()
         return {"block_size": self.block_size,
                 "device": {"num_blocks": n, "blocks_used": usage["blocks_used"],
                            "blocks_cached": usage["blocks_cached"], "blocks_free": usage["blocks_free"],
                            "usage": usage["blocks_used"] / n,
-                           "blocks": {"state": _STATE_NAMES[codes].tolist(), "ref_cnt": ref_cnt.tolist(),
+                           "blocks": {"state": state, "ref_cnt": ref_cnt.tolist(),
                                       "age_s": _with_nulls(age, idle & (freed_at > 0)),
                                       "evict_order": _with_nulls(order, idle)},
                            "owners": owners},
@@ -250,11 +250,11 @@ class KVCacheManager:
                             "blocks_reloaded": usage["offload_blocks_loaded"]}}
 
 
-_STATE_NAMES = np.array(["free", "cached", "used"], dtype=object)   # indexed by BlockPool's state codes
+_STATE_NAMES = ("free", "cached", "used")   # indexed by BlockPool's state codes
 
 
-def _with_nulls(values: np.ndarray, keep: np.ndarray) -> list:
-    """values as a list, None where keep is False."""
+def _with_nulls(values, keep) -> list:
+    """values (a numpy array) as a list, None where keep (a boolean array) is False."""
     out = values.astype(object)
     out[~keep] = None
     return out.tolist()
