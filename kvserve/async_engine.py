@@ -62,7 +62,7 @@ class _Stream:
         self.ended = isinstance(item, BaseException) or item.finished
         last = self.items[-1] if self.items else None
         if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
-            _merge_into(last, item)
+            last.merge(item)
         else:
             self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
@@ -87,15 +87,6 @@ class _Stream:
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _merge_into(older: RequestOutput, newer: RequestOutput) -> None:
-    """`older` (not yet read) becomes the delta of both; cumulative fields are taken from `newer`."""
-    older.new_tokens = older.new_tokens + newer.new_tokens
-    older.new_text += newer.new_text
-    for name in ("text", "token_ids", "finished", "finish_reason", "stop_reason", "num_cached_tokens", "metrics",
-                 "error"):
-        setattr(older, name, getattr(newer, name))
 
 
 class AsyncEngine:

@@ -1,8 +1,8 @@
-"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...))."""
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)) and LLM.chat(messages)."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 from kvserve.config import EngineConfig
 from kvserve.engine import LLMEngine
@@ -11,11 +11,23 @@ from kvserve.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve")
 
+Message = dict[str, Any]
+
 
 class LLM:
-    """Run a batch of prompts to completion through the continuous-batching engine."""
+    """Run a batch of prompts to completion through the continuous-batching engine.
 
-    def __init__(self, model: str, **engine_args):
+    Without a model, the built-in demo model (random weights, created offline on first use) runs.
+    Each returned RequestOutput holds the whole request: `new_tokens` lists every generated token
+    with its log-probability, `new_text` and `text` the whole output text.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args):
+        if model is None:
+            from kvserve.demo import ensure_demo_model
+            model = ensure_demo_model()
+            log.warning("LLM() without a model: using the built-in demo model at %s (RANDOM weights, its output "
+                        "is gibberish)", model)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
@@ -27,18 +39,45 @@ class LLM:
             prompts = [prompts]
         params = params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        done: dict[str, RequestOutput] = {}
+        outputs: dict[str, RequestOutput] = {}   # each request's updates merged into one
+        done = 0
         bar = _progress(len(ids)) if use_tqdm else None
-        while len(done) < len(ids):
+        while done < len(ids):
             for out in self.engine.step():
+                if out.request_id in outputs:
+                    outputs[out.request_id].merge(out)
+                else:
+                    outputs[out.request_id] = out
                 if out.finished:
-                    done[out.request_id] = out
+                    done += 1
                     if bar:
                         bar.update(1)
         if bar:
             bar.close()
-        return [done[i] for i in ids]
+        return [outputs[i] for i in ids]
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True, **chat_template_kwargs) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to a list
+        of them, each rendered through the tokenizer's chat template. One output per conversation."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt, **chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, params, use_tqdm)
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    **chat_template_kwargs) -> list[int]:
+        """A conversation's prompt token ids, through the tokenizer's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: use generate() with a prompt")
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **chat_template_kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):   # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
 
 
 def _progress(total: int):

@@ -41,6 +41,15 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None        # set when the engine failed this request
 
+    def merge(self, newer: RequestOutput) -> None:
+        """Become the delta of this update and a newer one of the same request (for a reader that
+        did not take this one yet): new tokens and text add up, the rest is taken from `newer`."""
+        self.new_tokens = self.new_tokens + newer.new_tokens
+        self.new_text += newer.new_text
+        for name in ("text", "token_ids", "finished", "finish_reason", "stop_reason", "num_cached_tokens",
+                     "metrics", "error"):
+            setattr(self, name, getattr(newer, name))
+
 
 @dataclass(slots=True)
 class EngineStats:

@@ -1,0 +1,56 @@
+"""The offline API as a user scripts it: LLM() with no model, every token's logprob in the result,
+LLM.chat through the chat template."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir, monkeypatch_module):
+    monkeypatch_module.setenv("KVSERVE_DEMO_DIR", demo_model_dir)
+    return LLM(device="cpu", num_kv_blocks=64, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_llm_without_a_model_runs_the_demo_model(llm, demo_model_dir):
+    assert llm.engine.cfg.model == demo_model_dir
+
+
+def test_every_generated_token_carries_its_logprob_equal_to_transformers(llm, demo_model_dir):
+    """One entry per generated token (not only the last step's), each the log-softmax of the model's
+    logits at that position, as transformers' own forward pass computes it."""
+    prompts = ["The quick brown fox jumps", "a"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    for out in outs:
+        assert [t.id for t in out.new_tokens] == out.token_ids and len(out.token_ids) == 12
+        assert out.new_text == out.text == "".join(t.text for t in out.new_tokens)
+        ids = torch.tensor([out.prompt_token_ids + out.token_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+        n = len(out.prompt_token_ids)
+        expected = [logprobs[n - 1 + i, tok].item() for i, tok in enumerate(out.token_ids)]
+        assert [t.logprob for t in out.new_tokens] == pytest.approx(expected, abs=1e-3)
+
+
+def test_chat_renders_the_template_and_takes_one_or_many_conversations(llm):
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = llm.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    one = llm.chat(conversation, greedy)
+    assert len(one) == 1 and one[0].prompt_token_ids == ids
+    assert one[0].token_ids == llm.generate([ids], greedy)[0].token_ids
+    many = llm.chat([conversation, [{"role": "user", "content": "Another"}]], greedy)
+    assert len(many) == 2 and many[0].token_ids == one[0].token_ids
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        llm.generate(["a", "b"], [greedy])
