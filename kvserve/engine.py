@@ -47,6 +47,7 @@ class CoreOutput(NamedTuple):
     num_cached_tokens: int
     first_scheduled_time: float | None
     error: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None   # the most likely tokens, when asked for
 
 
 def _compile_counter(backend_name: str) -> Callable[[], int]:
@@ -197,12 +198,12 @@ class EngineCore:
             if isinstance(result, Exception):
                 continue
             self.generation_tokens += 1
-            token, logprob = result
+            token, logprob, top = result
             self._append(seq, token, logprob)
             if seq.is_finished:
                 del self.requests[seq.request_id]
             outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
-                                      seq.num_cached_tokens, seq.first_scheduled_time))
+                                      seq.num_cached_tokens, seq.first_scheduled_time, None, top))
         if self.step_listeners:
             stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
@@ -320,7 +321,7 @@ class OutputProcessor:
             state.num_cached_tokens = out.num_cached_tokens
             state.metrics.first_scheduled_time = out.first_scheduled_time
             reason = out.finish_reason
-            if out.token is not None and self._append(state, out.token, out.logprob, reason, now):
+            if out.token is not None and self._append(state, out.token, out.logprob, out.top_logprobs, reason, now):
                 reason = "stop"
                 if out.finish_reason is None:
                     stopped.append(out.request_id)
@@ -332,7 +333,8 @@ class OutputProcessor:
             results.append(self._finish(out.request_id, state, out.error))
         return results, stopped
 
-    def _append(self, state: RequestState, token: int, logprob: float, core_reason: str | None, now: float) -> bool:
+    def _append(self, state: RequestState, token: int, logprob: float, top: list | None, core_reason: str | None,
+                now: float) -> bool:
         """Add a token; True when a stop string ends the request here (it takes precedence over
         max_tokens, not over EOS or a stop token id, which ended it before any text check)."""
         state.token_ids.append(token)
@@ -340,7 +342,7 @@ class OutputProcessor:
         m.first_token_time = m.first_token_time or now
         m.token_times.append(now)
         piece = state.detok.add(token)
-        state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids))
+        state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids, top))
         state.text += piece
         if core_reason in ("eos", "stop_token", "abort", "error"):
             return False

@@ -67,23 +67,22 @@ def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int],
         logits_by_row[rows[part_row]] = logits[i]
 
 
-def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float] | Exception]:
-    """A (token, logprob) for each sequence, or the error that its row alone raised."""
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
+    """A (token, logprob, top logprobs) for each sequence, or the error that its row alone raised."""
     generators = {id(s): s.generator.get_state() for s in seqs if s.generator is not None}
     try:
-        tokens, logprobs = sampler(logits, seqs)
-        return list(zip(tokens, logprobs))
+        return list(zip(*sampler(logits, seqs)))
     except Exception as exc:
         if is_fatal(exc):
             raise
         log.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(seqs), type(exc).__name__, exc)
-    results: list[tuple[int, float] | Exception] = []
+    results: list[tuple | Exception] = []
     for i, seq in enumerate(seqs):
         if id(seq) in generators:
             seq.generator.set_state(generators[id(seq)])
         try:
-            tokens, logprobs = sampler(logits[i:i + 1], [seq])
-            results.append((tokens[0], logprobs[0]))
+            tokens, logprobs, tops = sampler(logits[i:i + 1], [seq])
+            results.append((tokens[0], logprobs[0], tops[0]))
         except Exception as exc:
             if is_fatal(exc):
                 raise

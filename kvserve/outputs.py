@@ -10,6 +10,7 @@ class TokenInfo:
     text: str            # this token's piece of the incrementally decoded text ("" for unknown ids)
     logprob: float       # log-probability under the model's (unprocessed) distribution
     special: bool
+    top: list[tuple[int, float]] | None = None   # SamplingParams.top_logprobs most likely (id, logprob), best first
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], list]:
         return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
                       [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs],
                       [banned_tokens(s) for s in seqs])
@@ -43,10 +43,11 @@ def banned_tokens(seq: Sequence) -> list[int]:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
            num_prompt: list[int], generators: list[torch.Generator | None],
-           banned: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
-    """logits [S, V]. Returns chosen token ids and their log-probabilities under the model's
-    unprocessed distribution. banned[i]: token ids row i may not produce (EOS and stop tokens
-    while min_tokens is not reached)."""
+           banned: list[list[int]] | None = None) -> tuple[list[int], list[float], list]:
+    """logits [S, V]. Returns chosen token ids, their log-probabilities under the model's
+    unprocessed distribution, and per row its params.top_logprobs most likely (token id, logprob)
+    pairs under that distribution, most likely first (None for a row that asked for none).
+    banned[i]: token ids row i may not produce (EOS and stop tokens while min_tokens is not reached)."""
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
     banned = banned or [[] for _ in params]
@@ -73,10 +74,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
             rows = upload(sampled, logits.device)
             probs = _warp(logits[rows], [params[i] for i in sampled])
             chosen[rows] = _draw(probs, [generators[i] for i in sampled])
-    # the step's one device -> host read: ids and logprobs together (float64 holds any token id)
+    # the step's one device -> host read: ids, logprobs and top logprobs together (float64 holds any token id)
     n = len(params)
-    packed = torch.cat([chosen.to(torch.float64), logprobs_all.gather(1, chosen[:, None])[:, 0].double()]).tolist()
-    return [int(t) for t in packed[:n]], packed[n:]
+    parts = [chosen.to(torch.float64), logprobs_all.gather(1, chosen[:, None])[:, 0].double()]
+    k = min(max((p.top_logprobs for p in params), default=0), logprobs_all.shape[1])
+    if k:
+        top_values, top_ids = logprobs_all.topk(k, dim=-1)
+        parts += [top_ids.flatten().to(torch.float64), top_values.flatten().double()]
+    packed = torch.cat(parts).tolist()
+    tops: list = [None] * n
+    if k:
+        ids, values = packed[2 * n:2 * n + n * k], packed[2 * n + n * k:]
+        for i, p in enumerate(params):
+            if p.top_logprobs:
+                row = slice(i * k, i * k + min(p.top_logprobs, k))
+                tops[i] = [(int(t), v) for t, v in zip(ids[row], values[row])]
+    return [int(t) for t in packed[:n]], packed[n:2 * n], tops
 
 
 def _has_penalty(p: SamplingParams) -> bool:

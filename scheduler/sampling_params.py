@@ -9,6 +9,7 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_TOKEN_ID = 2**31 - 1
+MAX_TOP_LOGPROBS = 20                    # most likely tokens reported per position (OpenAI's bound)
 MAX_LOGIT_BIAS = 1024                    # entries; each bias is in [-100, 100] as OpenAI documents
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # OpenAI's signed 64-bit seeds and TGI's unsigned ones
 
@@ -32,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: bool = True             # log-probability of each chosen token
+    top_logprobs: int = 0             # also this many of the most likely tokens at each position (0-20)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
@@ -54,6 +56,7 @@ class SamplingParams:
         if self.seed is not None:
             yield _integer("seed", self.seed, SEED_MIN, SEED_MAX)
         yield _integer("min_tokens", self.min_tokens, 0, None)
+        yield _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if _is_int(self.min_tokens) and _is_int(self.max_tokens) and self.min_tokens > self.max_tokens:
             yield f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
         yield from self._stop_errors()

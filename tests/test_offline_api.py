@@ -54,3 +54,29 @@ def test_chat_renders_the_template_and_takes_one_or_many_conversations(llm):
     assert len(many) == 2 and many[0].token_ids == one[0].token_ids
     with pytest.raises(ValueError, match="2 prompts but 1"):
         llm.generate(["a", "b"], [greedy])
+
+
+def test_top_logprobs_are_the_most_likely_tokens_under_the_unprocessed_distribution(llm, demo_model_dir):
+    """top_logprobs=k: at each generated position the k most likely tokens with their log-softmax
+    values, before temperature, penalties or bias change anything (also when sampling)."""
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, top_logprobs=5),
+              SamplingParams(max_tokens=6, temperature=1.3, top_k=7, repetition_penalty=1.5, seed=3, ignore_eos=True,
+                             top_logprobs=20),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    outs = llm.generate(["Once upon", "Once upon", "Once upon"], params)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    for out, p in zip(outs, params):
+        if not p.top_logprobs:
+            assert all(t.top is None for t in out.new_tokens)
+            continue
+        ids = torch.tensor([out.prompt_token_ids + out.token_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+        n = len(out.prompt_token_ids)
+        for i, token in enumerate(out.new_tokens):
+            values, top_ids = logprobs[n - 1 + i].topk(p.top_logprobs)
+            assert len(token.top) == p.top_logprobs
+            assert [v for _, v in token.top] == pytest.approx(values.tolist(), abs=1e-3)
+            assert {t for t, _ in token.top} == set(top_ids.tolist()) or values[-1] - values[-2] < 1e-4
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21)
