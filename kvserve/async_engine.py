@@ -164,6 +164,10 @@ class AsyncEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's exact bytes (b"" for an id with no vocabulary entry)."""
+        return self._processor.token_bytes(token_id)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_ids, params, self.max_model_len, self.vocab_size)
 

@@ -68,3 +68,62 @@ class StopStringMatcher:
 
     def releasable(self, text: str) -> int:
         return len(text) - self.hold if self.stops else len(text)
+
+
+class TokenBytes:
+    """A token id's exact bytes (what OpenAI's logprobs report as `bytes`), memoized.
+
+    Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) spell tokens in an alphabet of 256 printable
+    characters, one per byte; SentencePiece ones use "▁" for a space and <0xNN> for a lone byte.
+    Decoding a single token instead would turn a piece of a multi-byte character into U+FFFD."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_limit = len(tokenizer)
+        self.byte_of = _byte_level_alphabet() if _is_byte_level(tokenizer) else None
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        if token_id not in self.cache:
+            self.cache[token_id] = self._bytes(token_id)
+        return self.cache[token_id]
+
+    def _bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_limit:
+            return b""
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            return b""
+        if self.byte_of is not None and all(c in self.byte_of for c in token):
+            return bytes(self.byte_of[c] for c in token)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        return token.replace("\u2581", " ").encode("utf-8")
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer's decoder is byte-level (fast tokenizers; False when it cannot tell)."""
+    import json
+    try:
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    except Exception:  # noqa: BLE001 - a slow tokenizer, or one without a serialized decoder
+        return False
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+    return "ByteLevel" in kinds
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for the characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars

@@ -25,7 +25,7 @@ from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve.cache.kv_pool import KVPool, KVSpec
 from kvserve.config import EngineConfig
 from kvserve.cuda_graphs import graphs_wanted
-from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from kvserve.errors import InvalidRequestError, PromptTooLongError
 from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
 from kvserve.runner import ModelRunner
@@ -295,6 +295,7 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.special_ids = set(tokenizer.all_special_ids)
+        self.token_bytes = TokenBytes(tokenizer)   # a token id's exact bytes (logprobs' `bytes`)
         self.states: dict[str, RequestState] = {}
         self.finish_listeners: list[Callable[[RequestOutput], None]] = []
 
@@ -388,6 +389,10 @@ class LLMEngine(EngineCore):
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's exact bytes (b"" for an id with no vocabulary entry)."""
+        return self.output_processor.token_bytes(token_id)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:

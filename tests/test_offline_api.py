@@ -80,3 +80,27 @@ def test_top_logprobs_are_the_most_likely_tokens_under_the_unprocessed_distribut
             assert {t for t, _ in token.top} == set(top_ids.tolist()) or values[-1] - values[-2] < 1e-4
     with pytest.raises(ValueError, match="top_logprobs"):
         SamplingParams(top_logprobs=21)
+
+
+def test_token_bytes_are_exact_even_for_pieces_of_a_character(llm):
+    text = "héllo wörld 😀"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    pieces = [llm.engine.token_bytes(i) for i in ids]
+    assert b"".join(pieces).decode() == text and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
+    assert llm.engine.token_bytes(10**9) == b""
+
+
+def test_token_bytes_of_a_sentencepiece_vocabulary():
+    from kvserve.detokenizer import TokenBytes
+
+    class SentencePieceLike:
+        vocab = ["<unk>", "\u2581Hello", "<0xE2>", "<0x82>", "<0xAC>", "world"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def convert_ids_to_tokens(self, i):
+            return self.vocab[i]
+
+    tb = TokenBytes(SentencePieceLike())
+    assert tb(1) == b" Hello" and b"".join(tb(i) for i in (2, 3, 4)).decode() == "€" and tb(5) == b"world"
