@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 import kvserve
-from kvserve.server import routes_openai, routes_tgi
+from kvserve.server import routes_openai, routes_tgi, routes_tokenize
 from kvserve.server.edge import APIKeyMiddleware, BodySizeMiddleware
 from kvserve.server.errors import install_error_handlers
 from kvserve.server.serving import ServerSettings, ServerState
@@ -137,6 +137,11 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
         """Model, served name, demo label, dtype, device, limits, KV pool, engine stats, version."""
         return info(state)
 
+    @app.get("/version", tags=["system"])
+    async def get_version() -> dict:
+        """kvserve's version, as vLLM's GET /version answers it; open, as /health is."""
+        return {"version": version()}
+
     @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus exposition of the engine and server metrics."""
@@ -195,4 +200,6 @@ def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvse
     add_system_routes(app, state)
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_tokenize.tokenize_router)
+    app.include_router(routes_tokenize.router)
     return app

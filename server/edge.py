@@ -1,8 +1,8 @@
 """The HTTP edge, before any route runs: the API key and the request-size limit.
 
 Both are ASGI middleware, so every route (today's and future ones) passes through them. Probes and
-scrapes stay open: /health and /metrics need no key, and neither do the API documentation pages
-nor the KV map's page (/kv/view holds no data; the /kv it polls needs the key).
+scrapes stay open: /health, /metrics and /version need no key, and neither do the API documentation
+pages nor the KV map's page (/kv/view holds no data; the /kv it polls needs the key).
 """
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import hmac
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvserve.server.errors import APIError, Family
+from kvserve.server.errors import APIError, family_of_path
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/kv/view", "/docs", "/docs/oauth2-redirect", "/redoc",
+# /version too, as vLLM leaves it open: it tells no more than /openapi.json, which is open
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/kv/view", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json"})
-
-
-def family_of_path(path: str) -> Family:
-    return "openai" if path.startswith("/v1/") else "tgi"
 
 
 async def _answer(error: APIError, scope: Scope, send: Send, headers: dict[str, str] | None = None) -> None:

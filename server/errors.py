@@ -82,9 +82,23 @@ def from_engine_error(exc: Exception, prompt_param: str = "prompt") -> APIError:
     return APIError("internal", f"internal error: {type(exc).__name__}: {exc}")
 
 
+FAMILY_KEY = "kvserve.family"
+OPENAI_PATHS = frozenset({"/detokenize"})   # vLLM's routes outside /v1
+
+
+def family_of_path(path: str) -> Family:
+    """OpenAI shape under /v1 and on vLLM's /detokenize, TGI shape everywhere else."""
+    return "openai" if path.startswith("/v1/") or path in OPENAI_PATHS else "tgi"
+
+
+def set_family(request: Request, family: Family) -> None:
+    """Answer this request, errors included, in `family`'s shape whatever its path (POST /tokenize
+    serves both APIs and tells them apart by the body)."""
+    request.scope[FAMILY_KEY] = family
+
+
 def family_of(request: Request) -> Family:
-    """OpenAI shape under /v1, TGI shape everywhere else."""
-    return "openai" if request.url.path.startswith("/v1/") else "tgi"
+    return request.scope.get(FAMILY_KEY) or family_of_path(request.url.path)
 
 
 def json_error(error: dict[str, Any], body: Any) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 from kvserve import SamplingParams
 from kvserve.server.errors import APIError
-from kvserve.server.schemas_openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvserve.server.schemas_openai import (ChatCompletionRequest, CompletionRequest, SamplingFields,
+                                           TokenizeChatRequest)
 from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
 from kvserve.server.serving import ServerState
 from kvserve.server.validation import (check_json_value, random_seed, reject_unknown, reject_unsupported,
@@ -151,17 +152,31 @@ def check_chars(tokenizer: Any, text: str, max_model_len: int | None, param: str
                        f"(max_model_len) of this model can hold", param=param, code="context_length_exceeded")
 
 
-def encode(tokenizer: Any, text: str, max_model_len: int | None, param: str) -> list[int]:
+def encode(tokenizer: Any, text: str, max_model_len: int | None, param: str,
+           add_special_tokens: bool = True) -> list[int]:
     """engine.encode's tokenization without transformers' too-long warning (the engine checks lengths)."""
     check_chars(tokenizer, text, max_model_len, param)
-    return tokenizer.encode(text, verbose=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens, verbose=False)
 
 
-async def tokenize(state: ServerState, text: str, param: str, bounded: bool = True) -> list[int]:
+def encode_spans(tokenizer: Any, text: str, max_model_len: int | None,
+                 param: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """encode()'s token ids with each token's character span in `text`: a fast tokenizer's offset
+    mapping, None from a tokenizer without one."""
+    if not getattr(tokenizer, "is_fast", False):
+        return encode(tokenizer, text, max_model_len, param), None
+    check_chars(tokenizer, text, max_model_len, param)
+    encoding = tokenizer(text, return_offsets_mapping=True, verbose=False)
+    return list(encoding["input_ids"]), [(int(start), int(stop)) for start, stop in encoding["offset_mapping"]]
+
+
+async def tokenize(state: ServerState, text: str, param: str, bounded: bool = True,
+                   add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`; `bounded`: refuse texts that cannot fit (not when TGI truncates them)."""
     engine = state.require_engine()
     max_model_len = engine.max_model_len if bounded else None
-    return await off_loop(f"tokenizing {param}", param, encode, engine.tokenizer, text, max_model_len, param)
+    return await off_loop(f"tokenizing {param}", param, encode, engine.tokenizer, text, max_model_len, param,
+                          add_special_tokens)
 
 
 # errors of SamplingParams and engine.validate, in the API's names
@@ -288,7 +303,8 @@ async def prepare_completion(state: ServerState, body: CompletionRequest) -> Pre
     return Prepared(prompt_ids, params)
 
 
-def template_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[str | None, dict[str, Any]]:
+def template_inputs(state: ServerState,
+                    body: ChatCompletionRequest | TokenizeChatRequest) -> tuple[str | None, dict[str, Any]]:
     """The request's own chat template (only if the operator trusts them) and the template's extra
     variables (plain JSON values, bounded, none of apply_chat_template's own arguments)."""
     kwargs = dict(body.chat_template_kwargs or {})
@@ -316,10 +332,12 @@ def message_text(content: Any) -> str:
 
 
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, template: str | None,
-                kwargs: dict[str, Any], max_model_len: int) -> list[int]:
+                kwargs: dict[str, Any], max_model_len: int, continue_final_message: bool = False,
+                add_special_tokens: bool = False) -> list[int]:
     """Runs on a worker thread: apply_chat_template (transformers' sandboxed Jinja), then tokenize."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message,
                                              chat_template=template, **kwargs)
     except WorkTimeout:
         raise
@@ -330,11 +348,13 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
     if not isinstance(text, str):
         raise APIError("validation", "the chat template did not render text", param="messages")
     check_chars(tokenizer, text, max_model_len, "messages")
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
-async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """Render the messages with the chat template on a worker thread, then tokenize without extra specials."""
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest | TokenizeChatRequest,
+                      continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """Render the messages with the chat template on a worker thread, then tokenize (by default without
+    extra specials: the template writes them)."""
     engine = state.require_engine()
     tokenizer = engine.tokenizer
     template, kwargs = template_inputs(state, body)
@@ -344,7 +364,8 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[i
     messages = [{"role": message.role, "content": message_text(message.content),
                  **({"name": message.name} if message.name else {})} for message in body.messages]
     return await off_loop("rendering the chat template", "messages", render_chat, tokenizer, messages,
-                          body.add_generation_prompt, template, kwargs, engine.max_model_len)
+                          body.add_generation_prompt, template, kwargs, engine.max_model_len,
+                          continue_final_message, add_special_tokens)
 
 
 async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepared:

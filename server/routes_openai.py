@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve import RequestOutput, TokenInfo
-from kvserve.server.inputs import prepare_chat, prepare_completion
+from kvserve.server.inputs import check_model, prepare_chat, prepare_completion
 from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
                                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
@@ -82,14 +82,25 @@ def dump_chunk(chunk: CompletionResponse | ChatCompletionChunk, with_usage: bool
     return data
 
 
+def model_card(state: ServerState) -> ModelCard:
+    engine = state.require_engine()
+    return ModelCard(id=state.served_model_name, created=int(state.info.get("started", time.time())),
+                     root=str(engine.model_id), max_model_len=engine.max_model_len)
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The one served model."""
+    return ModelList(data=[model_card(get_state(request))])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """The served model's entry of GET /v1/models, by any name the `model` field accepts; else 404."""
     state = get_state(request)
-    engine = state.require_engine()
-    card = ModelCard(id=state.served_model_name, created=int(state.info.get("started", time.time())),
-                     root=str(engine.model_id), max_model_len=engine.max_model_len)
-    return ModelList(data=[card])
+    card = model_card(state)
+    check_model(state, model)
+    return card
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)

@@ -106,6 +106,57 @@ class ChatCompletionRequest(SamplingFields):
         "extra variables for the chat template: plain JSON values, bounded in size"))
 
 
+class TokenizeCompletionRequest(ClientBody):
+    """vLLM's POST /tokenize of a text."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="a served model name (GET /v1/models); optional")
+    prompt: str
+    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS), as "
+                                     "/v1/completions does")
+    return_token_strs: bool = Field(False, description="also answer each token's vocabulary string")
+
+
+class TokenizeChatRequest(ClientBody):
+    """vLLM's POST /tokenize of a conversation, rendered by the chat template as /v1/chat/completions
+    renders it."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="a served model name (GET /v1/models); optional")
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(False, description="leave the last message open (only with "
+                                         "add_generation_prompt false)")
+    add_special_tokens: bool = Field(False, description="add the tokenizer's special tokens on top of "
+                                     "what the template writes")
+    return_token_strs: bool = Field(False, description="also answer each token's vocabulary string")
+    chat_template: str | None = Field(None, description="only when the server runs with "
+                                      "--trust-request-chat-template")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "extra variables for the chat template: plain JSON values, bounded in size"))
+    tools: list[Any] | None = Field(None, description="not supported: only null or []")
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: only null")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = Field(None, description="with return_token_strs")
+
+
+class DetokenizeRequest(ClientBody):
+    """vLLM's POST /detokenize."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, description="a served model name (GET /v1/models); optional")
+    tokens: list[int] = Field(description="token ids in the vocabulary, at most max_model_len of them")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 

@@ -98,3 +98,12 @@ class StreamResponse(BaseModel):
 class TGIErrorResponse(BaseModel):
     error: str
     error_type: str
+
+
+class SimpleToken(BaseModel):
+    """One token of POST /tokenize: `text` is inputs[start:stop] (character offsets); a token the
+    tokenizer added (BOS) has "" and 0, 0, as has every token of a tokenizer without offsets."""
+    id: int
+    text: str
+    start: int
+    stop: int
