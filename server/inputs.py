@@ -235,7 +235,6 @@ def check_chat(body: ChatCompletionRequest) -> None:
         ("functions", body.functions, bool(body.functions)),
         ("function_call", body.function_call, body.function_call not in (None, "none")),
         ("response_format", body.response_format, not text_format),
-        ("top_logprobs", body.top_logprobs, bool(body.top_logprobs)),
         ("modalities", body.modalities, body.modalities not in (None, ["text"])),
         ("audio", body.audio, body.audio is not None),
         ("prediction", body.prediction, body.prediction is not None),
@@ -243,13 +242,15 @@ def check_chat(body: ChatCompletionRequest) -> None:
         ("verbosity", body.verbosity, body.verbosity is not None),
         ("web_search_options", body.web_search_options, body.web_search_options is not None),
     ])
+    if body.top_logprobs and not body.logprobs:
+        raise APIError("validation", "top_logprobs needs logprobs to be true", param="top_logprobs")
 
 
 def check_completion(body: CompletionRequest) -> None:
     reject_unsupported([
         ("suffix", body.suffix, body.suffix is not None),
         ("best_of", body.best_of, body.best_of not in (None, 1)),
-        ("logprobs", body.logprobs, body.logprobs not in (None, 0)),
+        # echo with logprobs asks for the prompt's log-probabilities, which are not computed
         ("echo", body.echo, body.echo and body.logprobs is not None),
     ])
 
@@ -266,7 +267,7 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return result
 
 
-def openai_params(body: SamplingFields, max_tokens: int, rename: Rename) -> SamplingParams:
+def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_logprobs: int = 0) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return build_params(
         rename, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
@@ -275,7 +276,7 @@ def openai_params(body: SamplingFields, max_tokens: int, rename: Rename) -> Samp
         frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        logit_bias=logit_bias(body.logit_bias))
+        logit_bias=logit_bias(body.logit_bias), top_logprobs=top_logprobs)
 
 
 async def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
@@ -298,7 +299,7 @@ async def prepare_completion(state: ServerState, body: CompletionRequest) -> Pre
     prompt_ids = await completion_prompt(state, body.prompt)
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
                                     "max_tokens", "prompt")
-    params = openai_params(body, max_tokens, _same)
+    params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0)
     engine_validate(state, prompt_ids, params, _same, "prompt")
     return Prepared(prompt_ids, params)
 
@@ -380,7 +381,7 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepa
     def rename(field: str) -> str:
         return name if field == "max_tokens" else field
 
-    params = openai_params(body, max_tokens, rename)
+    params = openai_params(body, max_tokens, rename, top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0)
     engine_validate(state, prompt_ids, params, rename, "messages")
     return Prepared(prompt_ids, params)
 
@@ -399,7 +400,6 @@ def check_tgi(parameters: GenerateParameters, stream: bool) -> None:
     reject_unknown(parameters, prefix="parameters.")
     reject_unsupported([
         ("parameters.typical_p", parameters.typical_p, parameters.typical_p is not None),
-        ("parameters.top_n_tokens", parameters.top_n_tokens, parameters.top_n_tokens not in (None, 0)),
         ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
         ("parameters.watermark", parameters.watermark, parameters.watermark),
         ("parameters.grammar", parameters.grammar, parameters.grammar is not None),
@@ -420,7 +420,7 @@ def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[Samplin
         top_k=parameters.top_k or 0, top_p=parameters.top_p or 1.0,
         repetition_penalty=parameters.repetition_penalty or 1.0,
         frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
-        include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos)
+        include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0)
     return params, seed
 
 

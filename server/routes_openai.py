@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +15,7 @@ from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatC
                                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
                                            CompletionRequest, CompletionResponse, OpenAIErrorResponse, ModelCard,
-                                           ModelList, PromptTokensDetails, SamplingFields, Usage)
+                                           ModelList, PromptTokensDetails, SamplingFields, TopLogprob, Usage)
 from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
 from kvserve.server.validation import finite
 
@@ -42,19 +42,39 @@ def finish_reason(out: RequestOutput) -> str | None:
     return OPENAI_FINISH.get(out.finish_reason or "length", "length") if out.finished else None
 
 
-def completion_logprobs(tokens: list[TokenInfo], offset: int) -> CompletionLogprobs:
-    result = CompletionLogprobs()
+def token_text(token_bytes: Callable[[int], bytes], token_id: int) -> tuple[str, bytes]:
+    """A token's own text and exact bytes (its text has U+FFFD where it holds part of a character)."""
+    raw = token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), raw
+
+
+def completion_logprobs(tokens: list[TokenInfo], offset: int, token_bytes: Callable[[int], bytes],
+                        top: int) -> CompletionLogprobs:
+    """One entry per token: its text, logprob and offset in the output text; with logprobs=N > 0 the
+    N most likely tokens at its position (two tokens with the same text share one key: the likelier one's)."""
+    result = CompletionLogprobs(top_logprobs=[] if top else None)
     for token_info in tokens:
-        result.tokens.append(token_info.text)
+        result.tokens.append(token_text(token_bytes, token_info.id)[0])
         result.token_logprobs.append(finite(token_info.logprob))
         result.text_offset.append(offset)
         offset += len(token_info.text)
+        if top:
+            entries: dict[str, float | None] = {}
+            for t, lp in token_info.top or ():
+                entries.setdefault(token_text(token_bytes, t)[0], finite(lp))   # the likelier of a shared text
+            result.top_logprobs.append(entries)
     return result
 
 
-def chat_logprobs(tokens: list[TokenInfo]) -> ChatChoiceLogprobs:
-    return ChatChoiceLogprobs(content=[ChatLogprob(token=token_info.text, logprob=finite(token_info.logprob),
-                                                   bytes=list(token_info.text.encode())) for token_info in tokens])
+def chat_logprobs(tokens: list[TokenInfo], token_bytes: Callable[[int], bytes]) -> ChatChoiceLogprobs:
+    """One entry per generated token, with its top_logprobs when asked for."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text, raw = token_text(token_bytes, token_id)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(raw)}
+
+    return ChatChoiceLogprobs(content=[
+        ChatLogprob(**entry(t.id, t.logprob), top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top or ()])
+        for t in tokens])
 
 
 def stream(state: ServerState, engine_request: EngineRequest, header: dict,
@@ -115,20 +135,23 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
     with_logprobs = body.logprobs is not None
     if body.stream:
-        return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body))
+        return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body),
+                                 body.logprobs or 0)
     result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
     out, tokens = result
     choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out),
-                              logprobs=completion_logprobs(tokens, len(echo)) if with_logprobs else None)
+                              logprobs=completion_logprobs(tokens, len(echo), engine.token_bytes, body.logprobs or 0)
+                              if with_logprobs else None)
     response = CompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
 def stream_completion(state: ServerState, engine_request: EngineRequest, header: dict, echo: str,
-                      with_logprobs: bool, with_usage: bool) -> Response:
+                      with_logprobs: bool, with_usage: bool, top: int = 0) -> Response:
     text_offset = len(echo)
+    token_bytes = state.require_engine().token_bytes
 
     # the common chunk (text only) is the pydantic model's own dump with the text swapped in: one
     # dict copy per chunk instead of two models and a dump (this runs once per token per stream)
@@ -141,7 +164,7 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
         if not out.finished and not with_logprobs:
             text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
             return [{**plain, "choices": [{**plain["choices"][0], "text": out.new_text}]}]
-        logprobs = completion_logprobs(out.new_tokens, text_offset) if with_logprobs else None
+        logprobs = completion_logprobs(out.new_tokens, text_offset, token_bytes, top) if with_logprobs else None
         text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
         choice = CompletionChoice(text=out.new_text, logprobs=logprobs, finish_reason=finish_reason(out))
         return [dump_chunk(CompletionResponse(**header, choices=[choice]), with_usage)]
@@ -166,20 +189,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return Response(status_code=499)
     out, tokens = result
     choice = ChatChoice(message=ChatResponseMessage(content=out.text), finish_reason=finish_reason(out),
-                        logprobs=chat_logprobs(tokens) if body.logprobs else None)
+                        logprobs=chat_logprobs(tokens, state.require_engine().token_bytes) if body.logprobs else None)
     response = ChatCompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
 def stream_chat(state: ServerState, engine_request: EngineRequest, header: dict, with_logprobs: bool,
                 with_usage: bool) -> Response:
+    token_bytes = state.require_engine().token_bytes
     def chunk(choice: ChatChunkChoice) -> dict:
         return dump_chunk(ChatCompletionChunk(**header, choices=[choice]), with_usage)
 
     def chunks(out: RequestOutput) -> list[dict]:
         result = []
         if out.new_text or (with_logprobs and out.new_tokens):
-            logprobs = chat_logprobs(out.new_tokens) if with_logprobs else None
+            logprobs = chat_logprobs(out.new_tokens, token_bytes) if with_logprobs else None
             result.append(chunk(ChatChunkChoice(delta=ChatDelta(content=out.new_text), logprobs=logprobs)))
         if out.finished:
             result.append(chunk(ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(out))))

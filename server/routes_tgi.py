@@ -55,6 +55,15 @@ def token(token_info: TokenInfo) -> Token:
                  special=token_info.special)
 
 
+def top_tokens(state: ServerState, token_info: TokenInfo) -> list[Token]:
+    """The most likely tokens at this token's position (parameters.top_n_tokens), most likely first;
+    each token's text is its own (U+FFFD where it holds part of a character)."""
+    engine = state.require_engine()
+    special = set(engine.tokenizer.all_special_ids) if token_info.top else ()
+    return [Token(id=t, text=engine.token_bytes(t).decode("utf-8", errors="replace"), logprob=finite(lp),
+                  special=t in special) for t, lp in token_info.top or ()]
+
+
 def prefill(state: ServerState, prompt_ids: list[int]) -> list[PrefillToken]:
     """Prompt tokens with their texts; logprobs are null (prompt log-probabilities are not computed)."""
     texts = state.engine.tokenizer.batch_decode([[token_id] for token_id in prompt_ids])
@@ -81,20 +90,23 @@ async def generate_once(state: ServerState, submission: Submission, request: Req
         return GenerateResponse(generated_text=text)
     prefill_tokens = prefill(state, submission.prompt_ids) if parameters.decoder_input_details else []
     details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=submission.seed,
-                      tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens)
+                      tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens,
+                      top_tokens=[top_tokens(state, t) for t in tokens] if parameters.top_n_tokens else [])
     return GenerateResponse(generated_text=text, details=details)
 
 
-def token_events(submission: Submission) -> EventBuilder:
+def token_events(state: ServerState, submission: Submission) -> EventBuilder:
     """TGI's stream: one event per token; the last one carries generated_text and details."""
     texts: list[str] = []
+    with_top = bool(submission.body.parameters.top_n_tokens)
 
     def events(out: RequestOutput) -> Iterator[dict]:
         if out.finished and not out.new_tokens:
             raise APIError("generation", "the engine finished without a final token")
         for position, token_info in enumerate(out.new_tokens, start=1):
             texts.append(token_info.text)
-            event = StreamResponse(index=len(texts), token=token(token_info))
+            event = StreamResponse(index=len(texts), token=token(token_info),
+                                   top_tokens=top_tokens(state, token_info) if with_top else None)
             if out.finished and position == len(out.new_tokens):
                 event.generated_text = full_text(submission, "".join(texts))
                 event.details = StreamDetails(finish_reason=finish_reason(out), generated_tokens=len(texts),
@@ -108,7 +120,7 @@ async def respond(state: ServerState, body: GenerateRequest, request: Request, s
                   as_list: bool = False) -> Response:
     submission = await submit(state, body, stream)
     if stream:
-        return stream_response(state, submission.engine_request, "tgi", token_events(submission))
+        return stream_response(state, submission.engine_request, "tgi", token_events(state, submission))
     response = await generate_once(state, submission, request)
     if response is None:
         return Response(status_code=499)

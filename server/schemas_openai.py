@@ -62,7 +62,8 @@ class CompletionRequest(SamplingFields):
         description="a string or a token id list (a list holding one of these is accepted too)")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, description="only 0: each chosen token's logprob")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each chosen token's logprob, and this many of "
+                                 "the most likely tokens at each position (0-20)")
     suffix: str | None = Field(None, description="not supported: only null")
     best_of: int | None = Field(None, description="not supported: only null or 1")
 
@@ -86,7 +87,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="default: what is left of "
                                               "max_model_len")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, description="only 0 or null")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many of the most likely "
+                                     "tokens at each position (0-20)")
     response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
     tools: list[Any] | None = Field(None, description="not supported: only null or []")
     tool_choice: Any = Field(None, description="only null or \"none\"")
@@ -197,11 +199,19 @@ class CompletionResponse(CompletionBase):
     usage: Usage | None = None
 
 
-class ChatLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float | None
     bytes: list[int]
-    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class ChatLogprob(BaseModel):
+    """One generated token: its text (U+FFFD where it holds part of a character), log-probability
+    and exact bytes, with the most likely tokens at its position when top_logprobs asks for them."""
+    token: str
+    logprob: float | None
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatChoiceLogprobs(BaseModel):

@@ -12,8 +12,8 @@ DEFAULT_MAX_NEW_TOKENS = 100
 
 
 class GenerateParameters(NullAsDefault):
-    """TGI's `parameters`, in TGI's documented ranges; typical_p, top_n_tokens, best_of, watermark, grammar
-    and adapter_id only at their defaults."""
+    """TGI's `parameters`, in TGI's documented ranges; typical_p, best_of, watermark, grammar and
+    adapter_id only at their defaults."""
     model_config = ConfigDict(extra="allow")
 
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS}, "
@@ -33,7 +33,8 @@ class GenerateParameters(NullAsDefault):
                                         "logprobs are null: prompt log-probabilities are not computed)")
     return_full_text: bool | None = False
     truncate: int | None = Field(None, ge=1, description="keep only the last `truncate` prompt tokens")
-    top_n_tokens: int | None = Field(None, ge=0, description="not supported: only null or 0")
+    top_n_tokens: int | None = Field(None, ge=0, le=20, description="this many of the most likely tokens at each "
+                                     "generated position, in details.top_tokens (0-20)")
     best_of: int | None = Field(None, ge=1, description="not supported: only null or 1")
     watermark: bool = Field(False, description="not supported: only false")
     grammar: Any = Field(None, description="not supported: only null")
@@ -69,7 +70,7 @@ class Details(BaseModel):
     seed: int | None
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
-    top_tokens: list[Any] = Field(default_factory=list)
+    top_tokens: list[list[Token]] = Field(default_factory=list)   # per generated token, with top_n_tokens
     best_of_sequences: list[Any] | None = None
 
 
@@ -90,7 +91,7 @@ class StreamResponse(BaseModel):
     """One SSE `data:` event per token; the last one carries generated_text and details."""
     index: int
     token: Token
-    top_tokens: list[Any] | None = None
+    top_tokens: list[Token] | None = None
     generated_text: str | None = None
     details: StreamDetails | None = None
 

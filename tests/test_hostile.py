@@ -126,7 +126,7 @@ def tgi_cases() -> list[Case]:
     param("decoder_input_details", [], ["x"])
     param("return_full_text", [True], ["x"])
     param("best_of", [1], [2, 0, -1, U64])
-    param("top_n_tokens", [0], [5, -1, U64])
+    param("top_n_tokens", [0, 20], [21, -1, U64])
     param("watermark", [False], [True])
     param("grammar", [], [{"type": "json", "value": {}}, "x"])
     param("adapter_id", [], ["x", "\ud800"])
@@ -266,13 +266,13 @@ def openai_cases() -> list[Case]:
     param("echo", [True], ["x"], apis=("cmpl",))
     param("suffix", [], ["x", "\ud800"], apis=("cmpl",))
     param("best_of", [1], [2, 0, U64], apis=("cmpl",))
-    param("logprobs", [0], [5, -1, U64, "x"], apis=("cmpl",))
+    param("logprobs", [0, 20], [21, -1, U64, "x"], apis=("cmpl",))
     param("prompt", [[1, 2, 3], [319], ["hello"], [[1, 2]], "\u00e9\U0001f600\x00"],
           ["\ud800", "a\udfffb", ["\ud800"], "", [], [-1], [-U64], [U64], [320], [10**6], [1.5], [None],
            ["a", "b"], [[1], [2]], {}, None, 5, True, "x" * (3 * 2**20)], apis=("cmpl",))
     # chat only
     param("logprobs", [True], ["x", 5], apis=("chat",))
-    param("top_logprobs", [0], [5, -1, U64], apis=("chat",))
+    param("top_logprobs", [0], [21, -1, U64], apis=("chat",))
     param("tools", [[]], [[{"type": "function", "function": {"name": "f", "parameters": {}}}], "x"], apis=("chat",))
     param("tool_choice", ["none"], ["auto", {"type": "function"}], apis=("chat",))
     param("response_format", [{"type": "text"}], [{"type": "json_object"}, "x"], apis=("chat",))

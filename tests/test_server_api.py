@@ -281,7 +281,7 @@ def test_tgi_stop_sequence_is_included_and_ends_generation(client):
 @pytest.mark.parametrize("parameters, field", [
     ({"temperature": 0}, "parameters.temperature"),
     ({"typical_p": 0.5}, "parameters.typical_p"),
-    ({"top_n_tokens": 3}, "parameters.top_n_tokens"),
+    ({"top_n_tokens": 21}, "parameters.top_n_tokens"),
     ({"best_of": 2}, "parameters.best_of"),
     ({"watermark": True}, "parameters.watermark"),
     ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar"),
@@ -340,7 +340,9 @@ def test_completions_plain_and_streamed_agree(client, demo_model_dir):
     choice = plain["choices"][0]
     assert plain["object"] == "text_completion" and plain["model"] == MODEL
     assert choice["finish_reason"] == "length" and len(choice["logprobs"]["token_logprobs"]) == 12
-    assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+    tokens = choice["logprobs"]["tokens"]   # each token's own text (U+FFFD in a piece of a character)
+    if "\ufffd" not in "".join(tokens):
+        assert "".join(tokens) == choice["text"]
     usage = plain["usage"]
     assert usage["completion_tokens"] == 12 and usage["total_tokens"] == usage["prompt_tokens"] + 12
     chunks, _ = stream(client, "/v1/completions", {**body, "stream": True,
@@ -394,7 +396,7 @@ def test_cached_tokens_reported_on_repeated_prompt(client):
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
