@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kvserve.bench import common
 from kvserve.bench.common import make_workload, print_table, ratio
-from kvserve.bench.models import describe, model_path
+from kvserve.bench.models import describe, model_and_vocab
 from kvserve.bench.peers import blocks_for, free_memory, kvserve_generate, make_llm
 
 NAME = "memory"
@@ -38,9 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.prepare(args, NAME)
-    path = model_path(args.model_shape, args.dtype)
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    path, vocab = model_and_vocab(args.model_shape, args.dtype)
     reqs = make_workload(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed)
     max_len = args.prompt_len[1] + args.output_len[1]
     machine = common.machine_info(args.device)

@@ -87,6 +87,13 @@ def model_path(name: str, dtype: str = "float32") -> Path:
     return path
 
 
+def model_and_vocab(name: str, dtype: str = "float32") -> tuple[Path, int]:
+    """model_path() and the model's vocabulary size (what random prompts are drawn from)."""
+    from transformers import AutoConfig
+    path = model_path(name, dtype)
+    return path, AutoConfig.from_pretrained(path).vocab_size
+
+
 def _build(shape: ModelShape, path: Path, dtype: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -9,7 +9,7 @@ import time
 
 from kvserve.bench import common
 from kvserve.bench.common import print_table, random_prompt, ratio, summarize
-from kvserve.bench.models import describe, model_path
+from kvserve.bench.models import describe, model_and_vocab
 from kvserve.bench.peers import free_memory, make_llm, sampling_params, synchronize
 
 NAME = "offload"
@@ -46,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     common.prepare(args, NAME)
     if args.conversations < 1 or args.history < 2 or args.answer_len < 1 or args.user_len < 1:
         raise SystemExit("--conversations, --answer-len and --user-len must be >= 1, --history >= 2")
-    path = model_path(args.model_shape, args.dtype)
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    path, vocab = model_and_vocab(args.model_shape, args.dtype)
     machine = common.machine_info(args.device)
     log.info("machine: %s", common.machine_line(machine))
     log.info("model: %s", describe(args.model_shape))

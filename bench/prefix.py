@@ -9,7 +9,7 @@ import time
 
 from kvserve.bench import common
 from kvserve.bench.common import int_list, print_table, random_prompt, ratio
-from kvserve.bench.models import describe, model_path
+from kvserve.bench.models import describe, model_and_vocab
 from kvserve.bench.peers import free_memory, make_llm, sampling_params, synchronize
 
 NAME = "prefix"
@@ -35,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     common.prepare(args, NAME)
     if args.turns < 2:
         raise SystemExit("--turns must be >= 2")
-    path = model_path(args.model_shape, args.dtype)
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    path, vocab = model_and_vocab(args.model_shape, args.dtype)
     machine = common.machine_info(args.device)
     log.info("machine: %s", common.machine_line(machine))
     log.info("model: %s", describe(args.model_shape))

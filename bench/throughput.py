@@ -6,7 +6,7 @@ import logging
 
 from kvserve.bench import common
 from kvserve.bench.common import Request, make_workload, print_table, ratio
-from kvserve.bench.models import describe, model_path
+from kvserve.bench.models import describe, model_and_vocab
 from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
                          kvserve_generate, load_hf_model, make_llm)
 
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-    path = model_path(args.model_shape, args.dtype)
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    path, vocab = model_and_vocab(args.model_shape, args.dtype)
     reqs = make_workload(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed)
     kv_blocks = args.kv_blocks or blocks_for(reqs, args.block_size)
     machine = common.machine_info(args.device)

@@ -12,6 +12,7 @@ import pytest
 
 from kvserve import LLM, AsyncEngine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
 from kvserve import sampler as sampler_module
+from faults import poison_forward
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "abc", "0123456789" * 4]
 
@@ -70,18 +71,8 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(llm):
 
 
 def test_a_request_that_breaks_the_forward_fails_alone(llm, undisturbed, monkeypatch):
-    # any step holding this token makes the model raise, batched or alone; no other request has it
     used = {t for p in PROMPTS for t in llm.engine.encode(p)} | {t for ids in undisturbed for t in ids}
-    poison = next(t for t in range(3, 250) if t not in used)
-    model = llm.engine.runner.model
-    forward = model.forward
-
-    def poisoned_forward(*args, input_ids=None, **kwargs):
-        if bool((input_ids == poison).any()):
-            raise RuntimeError("the forward cannot take this request")
-        return forward(*args, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(model, "forward", poisoned_forward)
+    poison = poison_forward(llm, monkeypatch, used)
     blocks_before = llm.engine.stats().blocks_used
     outs = llm.generate(PROMPTS[:2] + [[poison, 1, 2]] + PROMPTS[2:], [greedy()] * (len(PROMPTS) + 1))
     bad = outs.pop(2)

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve import AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
+from faults import poison_forward
 from test_server_api import MODEL, running_server
 
 KEY = "kv-map-key"
@@ -197,16 +198,7 @@ def test_a_step_that_fails_in_part_moves_its_blocks_once(demo_model_dir, monkeyp
     undisturbed = [llm.generate([p], greedy)[0].token_ids for p in prompts]   # each evicts the one before
     assert llm.engine.stats().offload_blocks_stored > 0
     used = {t for p in prompts for t in llm.engine.encode(p)} | {t for ids in undisturbed for t in ids}
-    poison = next(t for t in range(3, 250) if t not in used)
-    model = llm.engine.runner.model
-    forward = model.forward
-
-    def poisoned_forward(*args, input_ids=None, **kwargs):
-        if bool((input_ids == poison).any()):
-            raise RuntimeError("the forward cannot take this request")
-        return forward(*args, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(model, "forward", poisoned_forward)
+    poison = poison_forward(llm, monkeypatch, used)
     loaded = llm.engine.stats().offload_blocks_loaded
     outs = llm.generate(prompts + [[poison, 1, 2]], [greedy] * 5)
     assert outs[-1].finish_reason == "error" and "cannot take this request" in outs[-1].error
