@@ -17,12 +17,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import torch
 from torch.profiler import record_function
 
 from kvserve import isolation, kv_sizing, loader
 from kvserve.cache.backends import select_backend
 from kvserve.cache.kv_cache_manager import KVCacheManager
-from kvserve.cache.kv_pool import KVPool, KVSpec
+from kvserve.cache.kv_pool import KVPool, KVSpec, upload
 from kvserve.config import EngineConfig
 from kvserve.cuda_graphs import graphs_wanted
 from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
@@ -48,6 +49,8 @@ class CoreOutput(NamedTuple):
     first_scheduled_time: float | None
     error: str | None = None
     top_logprobs: list[tuple[int, float]] | None = None   # the most likely tokens, when asked for
+    # with the first token, when asked for: per prompt position (logprob, top pairs), None for the first
+    prompt_logprobs: list[tuple[float, list | None] | None] | None = None
 
 
 def _compile_counter(backend_name: str) -> Callable[[], int]:
@@ -181,7 +184,9 @@ class EngineCore:
             return []
         outputs = []
         with record_function("kvserve::execute"):
-            logits, rows, failed_rows = isolation.execute(self.runner, sched)
+            logits, rows, failed_rows, prompt_logits = isolation.execute(self.runner, sched)
+            if prompt_logits:
+                self._record_prompt_logprobs(sched, prompt_logits)
             for row, exc in failed_rows.items():
                 outputs.append(self._fail(sched.seqs[row], exc))
             sampled = [sched.seqs[row] for row in rows]
@@ -202,13 +207,41 @@ class EngineCore:
             self._append(seq, token, logprob)
             if seq.is_finished:
                 del self.requests[seq.request_id]
+            prompt = None
+            if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
+                prompt = [None] + [seq.prompt_logprobs.get(p) for p in range(1, seq.num_prompt_tokens)]
             outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
-                                      seq.num_cached_tokens, seq.first_scheduled_time, None, top))
+                                      seq.num_cached_tokens, seq.first_scheduled_time, None, top, prompt))
         if self.step_listeners:
             stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
             for fn in self.step_listeners:
                 fn(stats)
         return outputs
+
+    def _record_prompt_logprobs(self, sched, prompt_logits: dict) -> None:
+        """Each prompt position's logprob under the model's unprocessed distribution (and its most
+        likely tokens), from the logits of the position before it; one device-to-host read."""
+        spans, targets = [], []
+        for row, logits in prompt_logits.items():
+            seq, n = sched.seqs[row], sched.num_tokens[row]
+            start = sched.context_lens[row] - n
+            count = min(n, seq.num_prompt_tokens - 1 - start)   # position p's logits predict token p + 1
+            spans.append((seq, start, logits[:count]))
+            targets.extend(seq.token_ids[start + 1:start + 1 + count])
+        logprobs = torch.log_softmax(torch.cat([logits for _, _, logits in spans]).float(), dim=-1)
+        parts = [logprobs.gather(1, upload(targets, logprobs.device)[:, None])[:, 0].double()]
+        k = max(seq.params.prompt_logprobs for seq, _, _ in spans)
+        if k:
+            top_values, top_ids = logprobs.topk(k, dim=-1)
+            parts += [top_ids.flatten().double(), top_values.flatten().double()]
+        packed = torch.cat(parts).tolist()
+        m, i = len(targets), 0
+        for seq, start, logits in spans:
+            want = seq.params.prompt_logprobs
+            for j in range(logits.shape[0]):
+                top = [(int(packed[m + i * k + x]), packed[m + m * k + i * k + x]) for x in range(want)] or None
+                seq.prompt_logprobs[start + 1 + j] = (packed[i], top)
+                i += 1
 
     def _check_compiles(self, sched) -> None:
         compiles = self._count_compiles()
@@ -287,6 +320,7 @@ class RequestState:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list | None = None
 
 
 class OutputProcessor:
@@ -320,6 +354,8 @@ class OutputProcessor:
             if state is None:        # ended here already (aborted, or a stop string one step earlier)
                 continue
             state.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = out.prompt_logprobs
             state.metrics.first_scheduled_time = out.first_scheduled_time
             reason = out.finish_reason
             if out.token is not None and self._append(state, out.token, out.logprob, out.top_logprobs, reason, now):
@@ -360,7 +396,7 @@ class OutputProcessor:
         new_tokens, state.new_tokens = state.new_tokens, []
         return RequestOutput(request_id, state.prompt_ids, new_tokens, new_text, state.text[:upto],
                              list(state.token_ids), finished, state.finish_reason, state.stop_reason,
-                             state.num_cached_tokens, state.metrics)
+                             state.num_cached_tokens, state.metrics, prompt_logprobs=state.prompt_logprobs)
 
     def _finish(self, request_id: str, state: RequestState, error: str | None = None) -> RequestOutput:
         if state.finish_reason != "stop":

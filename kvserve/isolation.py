@@ -29,27 +29,41 @@ def is_fatal(exc: BaseException) -> bool:
     return any(text in str(exc) for text in _FATAL_MESSAGES)
 
 
-def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[int], dict[int, Exception]]:
-    """Run the step. Returns the logits of the sampling rows that ran, those rows (in step order), and
-    the rows that failed alone. Without a failure this is runner.execute() and nothing more."""
+def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[int], dict[int, Exception],
+                                                                dict[int, torch.Tensor]]:
+    """Run the step. Returns the logits of the sampling rows that ran, those rows (in step order), the
+    rows that failed alone, and the logits of every token of each prompt-logprob row that ran. Without
+    a failure this is runner.execute() and nothing more."""
     try:
-        return runner.execute(step), step.sample_rows, {}
+        logits, prompt_logits = split(step, runner.execute(step))
+        return logits, step.sample_rows, {}, prompt_logits
     except Exception as exc:
         if is_fatal(exc):
             raise
         log.warning("a step of %d rows failed (%s: %s); retrying it by halves to find the rows that break it",
                     len(step.seqs), type(exc).__name__, exc)
     logits_by_row: dict[int, torch.Tensor] = {}
+    prompt_by_row: dict[int, torch.Tensor] = {}
     failed: dict[int, Exception] = {}
-    _bisect(runner, step, list(range(len(step.seqs))), logits_by_row, failed)
+    _bisect(runner, step, list(range(len(step.seqs))), logits_by_row, prompt_by_row, failed)
     if len(failed) == len(step.seqs) > 1:
         raise next(iter(failed.values()))   # every row fails on its own: the engine is at fault
     rows = [row for row in step.sample_rows if row in logits_by_row]
-    return (torch.stack([logits_by_row[row] for row in rows]) if rows else None), rows, failed
+    return (torch.stack([logits_by_row[row] for row in rows]) if rows else None), rows, failed, prompt_by_row
 
 
-def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int],
-            logits_by_row: dict[int, torch.Tensor], failed: dict[int, Exception]) -> None:
+def split(step: SchedulerOutput, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """runner.execute()'s logits as the sampling rows' and, per prompt-logprob row, its tokens'."""
+    n = len(step.sample_rows)
+    prompt, start = {}, n
+    for row in step.prompt_logprob_rows:
+        prompt[row] = logits[start:start + step.num_tokens[row]]
+        start += step.num_tokens[row]
+    return logits[:n], prompt
+
+
+def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], logits_by_row: dict[int, torch.Tensor],
+            prompt_by_row: dict[int, torch.Tensor], failed: dict[int, Exception]) -> None:
     part = step.select(rows)
     try:
         logits = runner.execute(part)
@@ -60,11 +74,14 @@ def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int],
             failed[rows[0]] = exc
             return
         half = len(rows) // 2
-        _bisect(runner, step, rows[:half], logits_by_row, failed)
-        _bisect(runner, step, rows[half:], logits_by_row, failed)
+        _bisect(runner, step, rows[:half], logits_by_row, prompt_by_row, failed)
+        _bisect(runner, step, rows[half:], logits_by_row, prompt_by_row, failed)
         return
+    logits, prompt = split(part, logits)
     for i, part_row in enumerate(part.sample_rows):
         logits_by_row[rows[part_row]] = logits[i]
+    for part_row, tokens in prompt.items():
+        prompt_by_row[rows[part_row]] = tokens
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:

@@ -41,6 +41,9 @@ class RequestOutput:
     num_cached_tokens: int = 0      # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None        # set when the engine failed this request
+    # with SamplingParams.prompt_logprobs, from the first token on: per prompt token (its logprob, the
+    # most likely (id, logprob) pairs or None), None for the first token (nothing precedes it)
+    prompt_logprobs: list[tuple[float, list | None] | None] | None = None
 
     def merge(self, newer: RequestOutput) -> None:
         """Become the delta of this update and a newer one of the same request (for a reader that
@@ -48,7 +51,7 @@ class RequestOutput:
         self.new_tokens = self.new_tokens + newer.new_tokens
         self.new_text += newer.new_text
         for name in ("text", "token_ids", "finished", "finish_reason", "stop_reason", "num_cached_tokens",
-                     "metrics", "error"):
+                     "metrics", "error", "prompt_logprobs"):
             setattr(self, name, getattr(newer, name))
 
 

@@ -50,7 +50,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
-        """Run one packed forward. Returns the logits of step.sample_rows, [len(sample_rows), V]."""
+        """Run one packed forward. Returns the logits of step.sample_rows' last tokens, then of every
+        token of step.prompt_logprob_rows, row by row: [len(sample_rows) + their tokens, V]."""
         num_rows = len(step.num_tokens)
         if (self.graphs is not None and step.num_decodes == num_rows
                 and self.graphs.fits(num_rows, max(step.context_lens))):
@@ -64,10 +65,12 @@ class ModelRunner:
         meta = self.backend.build_metadata(self.kv_pool, step.num_tokens, step.context_lens, step.num_decodes,
                                            step.block_tables, step.slot_mapping)
         last_token_of_row = _last_token_indices(step.num_tokens)
+        keep = [last_token_of_row[r] for r in step.sample_rows]
+        for r in step.prompt_logprob_rows:
+            keep.extend(range(last_token_of_row[r] - step.num_tokens[r] + 1, last_token_of_row[r] + 1))
         out = self.model(input_ids=upload(step.input_ids, self.device)[None],
                          position_ids=upload(step.positions, self.device)[None], use_cache=False,
-                         logits_to_keep=upload([last_token_of_row[r] for r in step.sample_rows], self.device),
-                         kv_meta=meta)
+                         logits_to_keep=upload(keep, self.device), kv_meta=meta)
         return out.logits[0]
 
     @torch.inference_mode()

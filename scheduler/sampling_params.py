@@ -34,6 +34,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = True             # log-probability of each chosen token
     top_logprobs: int = 0             # also this many of the most likely tokens at each position (0-20)
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, and this many most likely (0-20); None: off
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
@@ -57,6 +58,8 @@ class SamplingParams:
             yield _integer("seed", self.seed, SEED_MIN, SEED_MAX)
         yield _integer("min_tokens", self.min_tokens, 0, None)
         yield _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            yield _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
         if _is_int(self.min_tokens) and _is_int(self.max_tokens) and self.min_tokens > self.max_tokens:
             yield f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
         yield from self._stop_errors()

@@ -23,6 +23,7 @@ class SchedulerOutput:
     block_tables: list[list[int]] = field(default_factory=list)  # per row: the sequence's KV blocks
     num_decodes: int = 0                                        # rows [0, num_decodes) decode one token
     sample_rows: list[int] = field(default_factory=list)       # rows that reach their sequence's end
+    prompt_logprob_rows: list[int] = field(default_factory=list)  # rows whose every token's logits are kept
     input_ids: list[int] = field(default_factory=list)         # per token
     positions: list[int] = field(default_factory=list)         # per token
     slot_mapping: list[int] = field(default_factory=list)      # per token: its K/V slot in the pool
@@ -39,11 +40,13 @@ class SchedulerOutput:
         for n in self.num_tokens:
             starts.append(starts[-1] + n)
         out = SchedulerOutput()
-        sampling = set(self.sample_rows)
+        sampling, prompt_rows = set(self.sample_rows), set(self.prompt_logprob_rows)
         for row in rows:
             tokens = slice(starts[row], starts[row + 1])
             if row in sampling:
                 out.sample_rows.append(len(out.seqs))
+            if row in prompt_rows:
+                out.prompt_logprob_rows.append(len(out.seqs))
             out.seqs.append(self.seqs[row])
             out.num_tokens.append(self.num_tokens[row])
             out.context_lens.append(self.context_lens[row])
@@ -98,7 +101,9 @@ class Scheduler:
         preempted_now = any(s.status is SequenceStatus.WAITING for s in ordered)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
             seq = self.waiting[0]
-            hits = self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
+            # prompt logprobs need every prompt position's logits: no prefix hit for such a request
+            hits = ([] if seq.params.prompt_logprobs is not None
+                    else self.kv.find_cached_prefix(seq.request_id, seq.token_ids))
             num_hit = len(hits) * self.kv.block_size
             n = min(len(seq) - num_hit, budget)
             if not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
@@ -133,6 +138,8 @@ class Scheduler:
             out.block_tables.append(block_ids)
             if end == len(seq.token_ids):
                 out.sample_rows.append(row)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                out.prompt_logprob_rows.append(row)
             out.input_ids.extend(seq.token_ids[start:end])
             out.positions.extend(range(start, end))
             out.slot_mapping.extend(slot_mapping(block_ids, block_size, start, end))

@@ -104,3 +104,30 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
 
     tb = TokenBytes(SentencePieceLike())
     assert tb(1) == b" Hello" and b"".join(tb(i) for i in (2, 3, 4)).decode() == "€" and tb(5) == b"world"
+
+
+@pytest.mark.parametrize("budget,blocks", [(512, 64), (7, 64), (16, 8)], ids=["one-chunk", "chunked", "preempted"])
+def test_prompt_logprobs_equal_transformers(demo_model_dir, budget, blocks):
+    """prompt_logprobs=k: every prompt token's logprob (the first has none) and the k most likely
+    tokens at its position, equal to transformers' forward pass; also when the prompt is prefilled in
+    chunks, and when preemption makes it recompute. A prefix-cache hit never hides positions."""
+    llm = LLM(demo_model_dir, device="cpu", num_kv_blocks=blocks, block_size=8, max_num_batched_tokens=budget)
+    prompts = ["The quick brown fox jumps over the lazy dog", "The quick brown fox jumps over the lazy cat"]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))    # cached: must not be hit
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), params])
+    assert outs[0].prompt_logprobs is None
+    out = outs[1]      # admitted second: the one preempted when the two outgrow 8 blocks
+    assert (llm.engine.stats().num_preemptions > 0) == (blocks == 8)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    ids = out.prompt_token_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for p in range(1, len(ids)):
+        value, top = out.prompt_logprobs[p]
+        assert value == pytest.approx(logprobs[p - 1, ids[p]].item(), abs=1e-3)
+        assert [v for _, v in top] == pytest.approx(logprobs[p - 1].topk(3).values.tolist(), abs=1e-3)
+    assert out.num_cached_tokens == 0
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
