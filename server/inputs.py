@@ -250,8 +250,6 @@ def check_completion(body: CompletionRequest) -> None:
     reject_unsupported([
         ("suffix", body.suffix, body.suffix is not None),
         ("best_of", body.best_of, body.best_of not in (None, 1)),
-        # echo with logprobs asks for the prompt's log-probabilities, which are not computed
-        ("echo", body.echo, body.echo and body.logprobs is not None),
     ])
 
 
@@ -267,7 +265,8 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return result
 
 
-def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_logprobs: int = 0) -> SamplingParams:
+def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_logprobs: int = 0,
+                  prompt_logprobs: int | None = None) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return build_params(
         rename, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
@@ -276,7 +275,7 @@ def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_log
         frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        logit_bias=logit_bias(body.logit_bias), top_logprobs=top_logprobs)
+        logit_bias=logit_bias(body.logit_bias), top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
 
 
 async def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
@@ -299,7 +298,9 @@ async def prepare_completion(state: ServerState, body: CompletionRequest) -> Pre
     prompt_ids = await completion_prompt(state, body.prompt)
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
                                     "max_tokens", "prompt")
-    params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0)
+    # echo with logprobs: the prompt's tokens get their logprobs too
+    params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0,
+                           prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     engine_validate(state, prompt_ids, params, _same, "prompt")
     return Prepared(prompt_ids, params)
 
@@ -420,7 +421,8 @@ def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[Samplin
         top_k=parameters.top_k or 0, top_p=parameters.top_p or 1.0,
         repetition_penalty=parameters.repetition_penalty or 1.0,
         frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
-        include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0)
+        include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0,
+        prompt_logprobs=0 if parameters.decoder_input_details else None)
     return params, seed
 
 

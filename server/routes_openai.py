@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models."""
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,6 +65,35 @@ def completion_logprobs(tokens: list[TokenInfo], offset: int, token_bytes: Calla
                 entries.setdefault(token_text(token_bytes, t)[0], finite(lp))   # the likelier of a shared text
             result.top_logprobs.append(entries)
     return result
+
+
+def prompt_logprobs(prompt_ids: list[int], values: list | None, token_bytes: Callable[[int], bytes],
+                    top: int) -> CompletionLogprobs:
+    """The echoed prompt's part of a completion's logprobs: each prompt token's text, logprob (null for
+    the first), offset in the echoed text and, with logprobs=N > 0, its N most likely tokens."""
+    result = CompletionLogprobs(top_logprobs=[] if top else None)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = 0
+    for token_id, value in zip(prompt_ids, values or [None] * len(prompt_ids)):
+        text, raw = token_text(token_bytes, token_id)
+        result.tokens.append(text)
+        result.text_offset.append(offset)
+        offset += len(decoder.decode(raw))
+        result.token_logprobs.append(None if value is None else finite(value[0]))
+        if top:
+            entries: dict[str, float | None] = {}
+            for t, lp in (value[1] or ()) if value else ():
+                entries.setdefault(token_text(token_bytes, t)[0], finite(lp))
+            result.top_logprobs.append(entries if value else None)
+    return result
+
+
+def join_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=None if first.top_logprobs is None else
+                              first.top_logprobs + (second.top_logprobs or []),
+                              text_offset=first.text_offset + second.text_offset)
 
 
 def chat_logprobs(tokens: list[TokenInfo], token_bytes: Callable[[int], bytes]) -> ChatChoiceLogprobs:
@@ -136,29 +166,44 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     with_logprobs = body.logprobs is not None
     if body.stream:
         return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body),
-                                 body.logprobs or 0)
+                                 body.logprobs or 0, prompt_ids)
     result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
     out, tokens = result
-    choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out),
-                              logprobs=completion_logprobs(tokens, len(echo), engine.token_bytes, body.logprobs or 0)
-                              if with_logprobs else None)
+    logprobs = None
+    if with_logprobs:
+        logprobs = completion_logprobs(tokens, len(echo), engine.token_bytes, body.logprobs or 0)
+        if echo:
+            logprobs = join_logprobs(prompt_logprobs(prompt_ids, out.prompt_logprobs, engine.token_bytes,
+                                                     body.logprobs or 0), logprobs)
+    choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out), logprobs=logprobs)
     response = CompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
 def stream_completion(state: ServerState, engine_request: EngineRequest, header: dict, echo: str,
-                      with_logprobs: bool, with_usage: bool, top: int = 0) -> Response:
+                      with_logprobs: bool, with_usage: bool, top: int = 0,
+                      prompt_ids: list[int] | None = None) -> Response:
+    """With echo, the prompt's text opens the stream; with echo and logprobs it comes with the first
+    token's chunk instead, which carries the prompt's logprobs (they are known once it is prefilled)."""
     text_offset = len(echo)
     token_bytes = state.require_engine().token_bytes
+    echo_pending = bool(echo) and with_logprobs
 
     # the common chunk (text only) is the pydantic model's own dump with the text swapped in: one
     # dict copy per chunk instead of two models and a dump (this runs once per token per stream)
     plain = dump_chunk(CompletionResponse(**header, choices=[CompletionChoice(text="")]), with_usage)
 
     def chunks(out: RequestOutput) -> list[dict]:
-        nonlocal text_offset
+        nonlocal text_offset, echo_pending
+        if echo_pending:
+            echo_pending = False
+            logprobs = join_logprobs(prompt_logprobs(prompt_ids, out.prompt_logprobs, token_bytes, top),
+                                     completion_logprobs(out.new_tokens, text_offset, token_bytes, top))
+            text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
+            choice = CompletionChoice(text=echo + out.new_text, logprobs=logprobs, finish_reason=finish_reason(out))
+            return [dump_chunk(CompletionResponse(**header, choices=[choice]), with_usage)]
         if not (out.new_text or out.finished or (with_logprobs and out.new_tokens)):
             return []
         if not out.finished and not with_logprobs:
@@ -170,7 +215,7 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
         return [dump_chunk(CompletionResponse(**header, choices=[choice]), with_usage)]
 
     echo_chunk = CompletionResponse(**header, choices=[CompletionChoice(text=echo)])
-    opening = [dump_chunk(echo_chunk, with_usage)] if echo else []
+    opening = [dump_chunk(echo_chunk, with_usage)] if echo and not echo_pending else []
     return stream(state, engine_request, header, CompletionResponse, chunks, with_usage, opening)
 
 

@@ -64,10 +64,12 @@ def top_tokens(state: ServerState, token_info: TokenInfo) -> list[Token]:
                   special=t in special) for t, lp in token_info.top or ()]
 
 
-def prefill(state: ServerState, prompt_ids: list[int]) -> list[PrefillToken]:
-    """Prompt tokens with their texts; logprobs are null (prompt log-probabilities are not computed)."""
+def prefill(state: ServerState, prompt_ids: list[int], logprobs: list | None) -> list[PrefillToken]:
+    """Prompt tokens with their texts and logprobs (null for the first: nothing precedes it)."""
     texts = state.engine.tokenizer.batch_decode([[token_id] for token_id in prompt_ids])
-    return [PrefillToken(id=token_id, text=text, logprob=None) for token_id, text in zip(prompt_ids, texts)]
+    logprobs = logprobs or [None] * len(prompt_ids)
+    return [PrefillToken(id=token_id, text=text, logprob=None if value is None else finite(value[0]))
+            for token_id, text, value in zip(prompt_ids, texts, logprobs)]
 
 
 def finish_reason(out: RequestOutput) -> str:
@@ -88,7 +90,8 @@ async def generate_once(state: ServerState, submission: Submission, request: Req
     parameters = submission.body.parameters
     if not parameters.details:
         return GenerateResponse(generated_text=text)
-    prefill_tokens = prefill(state, submission.prompt_ids) if parameters.decoder_input_details else []
+    prefill_tokens = (prefill(state, submission.prompt_ids, out.prompt_logprobs)
+                      if parameters.decoder_input_details else [])
     details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=submission.seed,
                       tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens,
                       top_tokens=[top_tokens(state, t) for t in tokens] if parameters.top_n_tokens else [])

@@ -173,7 +173,7 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float | None] | None] | None = None   # null for an echoed prompt's first token
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -29,8 +29,8 @@ class GenerateParameters(NullAsDefault):
     seed: int | None = Field(None, ge=0, le=2**64 - 1, description="an unsigned 64-bit integer")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     details: bool = False
-    decoder_input_details: bool = Field(False, description="prefill tokens (ids and texts; their "
-                                        "logprobs are null: prompt log-probabilities are not computed)")
+    decoder_input_details: bool = Field(False, description="prefill tokens: ids, texts and logprobs (null for "
+                                        "the first); not when streaming")
     return_full_text: bool | None = False
     truncate: int | None = Field(None, ge=1, description="keep only the last `truncate` prompt tokens")
     top_n_tokens: int | None = Field(None, ge=0, le=20, description="this many of the most likely tokens at each "

@@ -142,7 +142,6 @@ def test_tgi_top_n_tokens(server, reference, tokenizer, stream):
     ("/v1/chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": "5"}, 400, "top_logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 2, "echo": True}, 400, "echo"),
     ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 21}}, 422, "top_n_tokens"),
     ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 1.5}}, 422, "top_n_tokens"),
 ])
@@ -158,3 +157,46 @@ def test_twenty_top_logprobs_at_the_bound(server):
     r = post(server, "/v1/chat/completions", {**CHAT, "top_logprobs": 20, "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert all(len(e["top_logprobs"]) == 20 for e in r.json()["choices"][0]["logprobs"]["content"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_echo_with_logprobs_scores_the_prompt(server, reference, tokenizer, stream):
+    """echo + logprobs (what evaluation harnesses send): the prompt's tokens come first, the first
+    with a null logprob, each other equal to transformers' log-softmax, then the generated ones."""
+    prompt = "The capital of France is Paris"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "logprobs": 2, "echo": True}
+    if stream:
+        chunks = stream_chunks(server, "/v1/completions", {**body, "stream": True})
+        parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")]
+        logprobs = {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                  "text_offset")}
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    else:
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        logprobs, text = r.json()["choices"][0]["logprobs"], r.json()["choices"][0]["text"]
+    prompt_ids = tokenizer.encode(prompt)
+    n = len(prompt_ids)
+    assert text.startswith(prompt) and len(logprobs["tokens"]) == n + 3
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    with torch.no_grad():
+        rows = reference(prompt_ids[:1], prompt_ids[1:])
+    for p in range(1, n):
+        assert logprobs["token_logprobs"][p] == pytest.approx(rows[p - 1, prompt_ids[p]].item(), abs=1e-3)
+        assert len(logprobs["top_logprobs"][p]) <= 2
+    assert logprobs["text_offset"][:n] == sorted(logprobs["text_offset"][:n]) and logprobs["text_offset"][n] == len(
+        prompt)
+
+
+def test_tgi_decoder_input_details_carry_prompt_logprobs(server, reference, tokenizer):
+    body = {"inputs": "Once upon a time there", "parameters": {"max_new_tokens": 2, "details": True,
+                                                              "decoder_input_details": True}}
+    r = post(server, "/generate", body)
+    assert r.status_code == 200, r.text
+    prefill = r.json()["details"]["prefill"]
+    ids = [t["id"] for t in prefill]
+    assert ids == tokenizer.encode(body["inputs"]) and prefill[0]["logprob"] is None
+    rows = reference(ids[:1], ids[1:])
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx([rows[p - 1, ids[p]].item()
+                                                                  for p in range(1, len(ids))], abs=1e-3)
