@@ -200,3 +200,44 @@ def test_tgi_decoder_input_details_carry_prompt_logprobs(server, reference, toke
     rows = reference(ids[:1], ids[1:])
     assert [t["logprob"] for t in prefill[1:]] == pytest.approx([rows[p - 1, ids[p]].item()
                                                                   for p in range(1, len(ids))], abs=1e-3)
+
+
+# the official clients, unchanged, against this server
+
+def test_openai_client_logprobs_echo_and_model_retrieval(server, tokenizer):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == entry.logprob for entry in content)
+    streamed = [c for c in client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=5,
+                                                          temperature=0, logprobs=True, top_logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    # (the second request hits the prefix cache: the same values to float rounding)
+    assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == pytest.approx(
+        [e.logprob for e in content], abs=1e-4)
+    completion = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0,
+                                           logprobs=2, echo=True)
+    logprobs = completion.choices[0].logprobs
+    n = len(tokenizer.encode("Hello there"))
+    assert len(logprobs.tokens) == n + 3 and logprobs.token_logprobs[0] is None
+    assert completion.choices[0].text.startswith("Hello there")
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=2, logprobs=True,
+                                       top_logprobs=21)
+
+
+def test_huggingface_hub_client_top_n_tokens_and_prompt_logprobs(server, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)   # a loopback server, not the hub
+    client = hub.InferenceClient(base_url=server.base)
+    out = client.text_generation("Once upon a time", max_new_tokens=3, details=True, top_n_tokens=2,
+                                 decoder_input_details=True)
+    assert len(out.details.top_tokens) == 3 and all(len(top) == 2 for top in out.details.top_tokens)
+    assert out.details.prefill[0].logprob is None and all(t.logprob is not None for t in out.details.prefill[1:])
+    events = list(client.text_generation("Once upon a time", max_new_tokens=3, stream=True, details=True,
+                                         top_n_tokens=2))
+    assert all(len(e.top_tokens) == 2 for e in events)
