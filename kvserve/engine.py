@@ -186,7 +186,12 @@ class EngineCore:
         with record_function("kvserve::execute"):
             logits, rows, failed_rows, prompt_logits = isolation.execute(self.runner, sched)
             if prompt_logits:
-                self._record_prompt_logprobs(sched, prompt_logits)
+                failed_here = self._record_prompt_logprobs(sched, prompt_logits)
+                if failed_here:
+                    failed_rows.update(failed_here)
+                    keep = [i for i, row in enumerate(rows) if row not in failed_here]
+                    rows = [rows[i] for i in keep]
+                    logits = logits[keep] if keep else None
             for row, exc in failed_rows.items():
                 outputs.append(self._fail(sched.seqs[row], exc))
             sampled = [sched.seqs[row] for row in rows]
@@ -210,6 +215,7 @@ class EngineCore:
             prompt = None
             if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
                 prompt = [None] + [seq.prompt_logprobs.get(p) for p in range(1, seq.num_prompt_tokens)]
+                seq.prompt_logprobs = {}     # sent: not kept for the request's life
             outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
                                       seq.num_cached_tokens, seq.first_scheduled_time, None, top, prompt))
         if self.step_listeners:
@@ -218,30 +224,42 @@ class EngineCore:
                 fn(stats)
         return outputs
 
-    def _record_prompt_logprobs(self, sched, prompt_logits: dict) -> None:
+    def _record_prompt_logprobs(self, sched, prompt_logits: dict) -> dict[int, Exception]:
         """Each prompt position's logprob under the model's unprocessed distribution (and its most
-        likely tokens), from the logits of the position before it; one device-to-host read."""
-        spans, targets = [], []
+        likely tokens), from the logits of the position before it, row by row (no copy of them all),
+        then one device-to-host read. Returns the rows that failed here (they fail alone)."""
+        spans, parts, failed = [], [], {}
         for row, logits in prompt_logits.items():
             seq, n = sched.seqs[row], sched.num_tokens[row]
             start = sched.context_lens[row] - n
             count = min(n, seq.num_prompt_tokens - 1 - start)   # position p's logits predict token p + 1
-            spans.append((seq, start, logits[:count]))
-            targets.extend(seq.token_ids[start + 1:start + 1 + count])
-        logprobs = torch.log_softmax(torch.cat([logits for _, _, logits in spans]).float(), dim=-1)
-        parts = [logprobs.gather(1, upload(targets, logprobs.device)[:, None])[:, 0].double()]
-        k = max(seq.params.prompt_logprobs for seq, _, _ in spans)
-        if k:
-            top_values, top_ids = logprobs.topk(k, dim=-1)
-            parts += [top_ids.flatten().double(), top_values.flatten().double()]
+            k = min(seq.params.prompt_logprobs, logits.shape[-1])
+            try:
+                logprobs = torch.log_softmax(logits[:count].float(), dim=-1)
+                targets = upload(seq.token_ids[start + 1:start + 1 + count], logprobs.device)
+                row_parts = [logprobs.gather(1, targets[:, None])[:, 0].double()]
+                if k:
+                    top_values, top_ids = logprobs.topk(k, dim=-1)
+                    row_parts += [top_ids.flatten().double(), top_values.flatten().double()]
+            except Exception as exc:  # noqa: BLE001 - isolation.is_fatal decides below
+                if isolation.is_fatal(exc):
+                    raise
+                failed[row] = exc
+                continue
+            spans.append((seq, start, count, k))
+            parts += row_parts
+        if not spans:
+            return failed
         packed = torch.cat(parts).tolist()
-        m, i = len(targets), 0
-        for seq, start, logits in spans:
-            want = seq.params.prompt_logprobs
-            for j in range(logits.shape[0]):
-                top = [(int(packed[m + i * k + x]), packed[m + m * k + i * k + x]) for x in range(want)] or None
-                seq.prompt_logprobs[start + 1 + j] = (packed[i], top)
-                i += 1
+        i = 0
+        for seq, start, count, k in spans:
+            values, ids, tops = packed[i:i + count], packed[i + count:i + count + count * k], \
+                packed[i + count + count * k:i + count + 2 * count * k]
+            i += count + 2 * count * k
+            for j in range(count):
+                top = [(int(ids[j * k + x]), tops[j * k + x]) for x in range(k)] or None
+                seq.prompt_logprobs[start + 1 + j] = (values[j], top)
+        return failed
 
     def _check_compiles(self, sched) -> None:
         compiles = self._count_compiles()

@@ -61,6 +61,14 @@ class SchedulerOutput:
         return bool(self.seqs)
 
 
+def needs_prompt_logits(seq: Sequence) -> bool:
+    """Whether the next chunk of this sequence keeps its tokens' logits (for prompt logprobs): asked
+    for, not sent yet (a recompute after its first token skips them), and a prompt token is left
+    whose logprob comes from a position still to compute."""
+    return (seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+            and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int):
@@ -71,6 +79,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prompt tokens whose logits a step keeps for prompt logprobs (one row each), at most: half the
+        # logits rows the KV sizing profiled for, so that such requests cannot take the memory it left
+        self.prompt_logit_budget = max(1, min(max_num_batched_tokens, max_num_seqs) // 2)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -81,6 +92,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         scheduled: dict[Sequence, int] = {}   # sequence -> tokens to compute, in scheduling order
         budget = self.max_num_batched_tokens
+        logit_budget = self.prompt_logit_budget
         # decodes before prefill chunks, so a long prompt never holds up running sequences
         ordered = sorted(self.running, key=lambda s: not s.is_decoding)
         for seq in ordered:
@@ -89,6 +101,10 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(len(seq) - seq.num_computed_tokens, budget)
+            if needs_prompt_logits(seq):
+                n = min(n, logit_budget)
+                if n == 0:
+                    continue
             while not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -98,17 +114,22 @@ class Scheduler:
             else:
                 scheduled[seq] = n
                 budget -= n
+                if needs_prompt_logits(seq):
+                    logit_budget -= n
         preempted_now = any(s.status is SequenceStatus.WAITING for s in ordered)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
             seq = self.waiting[0]
             # prompt logprobs need every prompt position's logits: no prefix hit for such a request
-            hits = ([] if seq.params.prompt_logprobs is not None
-                    else self.kv.find_cached_prefix(seq.request_id, seq.token_ids))
+            logits_wanted = needs_prompt_logits(seq)
+            hits = [] if logits_wanted else self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
             num_hit = len(hits) * self.kv.block_size
-            n = min(len(seq) - num_hit, budget)
-            if not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
+            n = min(len(seq) - num_hit, budget, logit_budget if logits_wanted else budget)
+            if n == 0 or not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
                 break
-            self.kv.record_prefix_query(len(seq), hits)
+            if logits_wanted:
+                logit_budget -= n
+            else:       # a request that cannot look the cache up is not counted as a miss
+                self.kv.record_prefix_query(len(seq), hits)
             self.waiting.popleft()
             seq.num_computed_tokens = num_hit
             if seq.num_preemptions == 0:
@@ -138,7 +159,7 @@ class Scheduler:
             out.block_tables.append(block_ids)
             if end == len(seq.token_ids):
                 out.sample_rows.append(row)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+            if needs_prompt_logits(seq):
                 out.prompt_logprob_rows.append(row)
             out.input_ids.extend(seq.token_ids[start:end])
             out.positions.extend(range(start, end))

@@ -422,7 +422,7 @@ def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[Samplin
         repetition_penalty=parameters.repetition_penalty or 1.0,
         frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
         include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0,
-        prompt_logprobs=0 if parameters.decoder_input_details else None)
+        prompt_logprobs=0 if parameters.details and parameters.decoder_input_details else None)
     return params, seed
 
 

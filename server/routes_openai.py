@@ -166,7 +166,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     with_logprobs = body.logprobs is not None
     if body.stream:
         return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body),
-                                 body.logprobs or 0, prompt_ids)
+                                 body.logprobs or 0, prompt_ids if body.echo else None)
     result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
@@ -174,7 +174,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     logprobs = None
     if with_logprobs:
         logprobs = completion_logprobs(tokens, len(echo), engine.token_bytes, body.logprobs or 0)
-        if echo:
+        if body.echo:
             logprobs = join_logprobs(prompt_logprobs(prompt_ids, out.prompt_logprobs, engine.token_bytes,
                                                      body.logprobs or 0), logprobs)
     choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out), logprobs=logprobs)
@@ -189,7 +189,7 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
     token's chunk instead, which carries the prompt's logprobs (they are known once it is prefilled)."""
     text_offset = len(echo)
     token_bytes = state.require_engine().token_bytes
-    echo_pending = bool(echo) and with_logprobs
+    echo_pending = prompt_ids is not None and with_logprobs
 
     # the common chunk (text only) is the pydantic model's own dump with the text swapped in: one
     # dict copy per chunk instead of two models and a dump (this runs once per token per stream)

@@ -106,12 +106,21 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
     assert tb(1) == b" Hello" and b"".join(tb(i) for i in (2, 3, 4)).decode() == "€" and tb(5) == b"world"
 
 
-@pytest.mark.parametrize("budget,blocks", [(512, 64), (7, 64), (16, 8)], ids=["one-chunk", "chunked", "preempted"])
-def test_prompt_logprobs_equal_transformers(demo_model_dir, budget, blocks):
+@pytest.mark.parametrize("budget,blocks,seqs", [(512, 64, 256), (7, 64, 256), (16, 8, 256), (512, 64, 6)],
+                         ids=["one-chunk", "chunked", "preempted", "logit-budget"])
+def test_prompt_logprobs_equal_transformers(demo_model_dir, budget, blocks, seqs):
     """prompt_logprobs=k: every prompt token's logprob (the first has none) and the k most likely
     tokens at its position, equal to transformers' forward pass; also when the prompt is prefilled in
-    chunks, and when preemption makes it recompute. A prefix-cache hit never hides positions."""
-    llm = LLM(demo_model_dir, device="cpu", num_kv_blocks=blocks, block_size=8, max_num_batched_tokens=budget)
+    chunks, when preemption makes it recompute, and when the step's budget of kept logits rows
+    (half of min(max_num_batched_tokens, max_num_seqs)) chunks it. A prefix-cache hit never hides
+    positions."""
+    llm = LLM(demo_model_dir, device="cpu", num_kv_blocks=blocks, block_size=8, max_num_batched_tokens=budget,
+              max_num_seqs=seqs)
+    assert llm.engine.scheduler.prompt_logit_budget == max(1, min(budget, seqs) // 2)
+    steps = []
+    run = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda step: steps.append(
+        sum(step.num_tokens[r] for r in step.prompt_logprob_rows)) or run(step)
     prompts = ["The quick brown fox jumps over the lazy dog", "The quick brown fox jumps over the lazy cat"]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=3)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))    # cached: must not be hit
@@ -129,5 +138,6 @@ def test_prompt_logprobs_equal_transformers(demo_model_dir, budget, blocks):
         assert value == pytest.approx(logprobs[p - 1, ids[p]].item(), abs=1e-3)
         assert [v for _, v in top] == pytest.approx(logprobs[p - 1].topk(3).values.tolist(), abs=1e-3)
     assert out.num_cached_tokens == 0
+    assert max(steps) <= llm.engine.scheduler.prompt_logit_budget and sum(steps) >= len(ids) - 1
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
