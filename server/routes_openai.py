@@ -52,7 +52,7 @@ def token_text(token_bytes: Callable[[int], bytes], token_id: int) -> tuple[str,
 def completion_logprobs(tokens: list[TokenInfo], offset: int, token_bytes: Callable[[int], bytes],
                         top: int) -> CompletionLogprobs:
     """One entry per token: its text, logprob and offset in the output text; with logprobs=N > 0 the
-    N most likely tokens at its position (two tokens with the same text share one key: the likelier one's)."""
+    N most likely tokens at its position (top_dict)."""
     result = CompletionLogprobs(top_logprobs=[] if top else None)
     for token_info in tokens:
         result.tokens.append(token_text(token_bytes, token_info.id)[0])
@@ -60,11 +60,17 @@ def completion_logprobs(tokens: list[TokenInfo], offset: int, token_bytes: Calla
         result.text_offset.append(offset)
         offset += len(token_info.text)
         if top:
-            entries: dict[str, float | None] = {}
-            for t, lp in token_info.top or ():
-                entries.setdefault(token_text(token_bytes, t)[0], finite(lp))   # the likelier of a shared text
-            result.top_logprobs.append(entries)
+            result.top_logprobs.append(top_dict(token_info.top, token_bytes))
     return result
+
+
+def top_dict(pairs: list[tuple[int, float]] | None, token_bytes: Callable[[int], bytes]) -> dict[str, float | None]:
+    """Completions' {token text: logprob} of the most likely tokens, most likely first; two tokens
+    with the same text share one key, which keeps the likelier one's logprob."""
+    entries: dict[str, float | None] = {}
+    for token_id, logprob in pairs or ():
+        entries.setdefault(token_text(token_bytes, token_id)[0], finite(logprob))
+    return entries
 
 
 def prompt_logprobs(prompt_ids: list[int], values: list | None, token_bytes: Callable[[int], bytes],
@@ -81,10 +87,7 @@ def prompt_logprobs(prompt_ids: list[int], values: list | None, token_bytes: Cal
         offset += len(decoder.decode(raw))
         result.token_logprobs.append(None if value is None else finite(value[0]))
         if top:
-            entries: dict[str, float | None] = {}
-            for t, lp in (value[1] or ()) if value else ():
-                entries.setdefault(token_text(token_bytes, t)[0], finite(lp))
-            result.top_logprobs.append(entries if value else None)
+            result.top_logprobs.append(top_dict(value[1], token_bytes) if value else None)
     return result
 
 

@@ -55,13 +55,21 @@ def token(token_info: TokenInfo) -> Token:
                  special=token_info.special)
 
 
-def top_tokens(state: ServerState, token_info: TokenInfo) -> list[Token]:
+def top_tokens(state: ServerState, token_info: TokenInfo, special: frozenset[int]) -> list[Token]:
     """The most likely tokens at this token's position (parameters.top_n_tokens), most likely first;
     each token's text is its own (U+FFFD where it holds part of a character)."""
-    engine = state.require_engine()
-    special = set(engine.tokenizer.all_special_ids) if token_info.top else ()
-    return [Token(id=t, text=engine.token_bytes(t).decode("utf-8", errors="replace"), logprob=finite(lp),
+    token_bytes = state.require_engine().token_bytes
+    return [Token(id=t, text=token_bytes(t).decode("utf-8", errors="replace"), logprob=finite(lp),
                   special=t in special) for t, lp in token_info.top or ()]
+
+
+def top_tokens_of(state: ServerState, tokens: list[TokenInfo]) -> list[list[Token]]:
+    special = special_ids(state)
+    return [top_tokens(state, token_info, special) for token_info in tokens]
+
+
+def special_ids(state: ServerState) -> frozenset[int]:
+    return frozenset(state.require_engine().tokenizer.all_special_ids)
 
 
 def prefill(state: ServerState, prompt_ids: list[int], logprobs: list | None) -> list[PrefillToken]:
@@ -94,14 +102,14 @@ async def generate_once(state: ServerState, submission: Submission, request: Req
                       if parameters.decoder_input_details else [])
     details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=submission.seed,
                       tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens,
-                      top_tokens=[top_tokens(state, t) for t in tokens] if parameters.top_n_tokens else [])
+                      top_tokens=top_tokens_of(state, tokens) if parameters.top_n_tokens else [])
     return GenerateResponse(generated_text=text, details=details)
 
 
 def token_events(state: ServerState, submission: Submission) -> EventBuilder:
     """TGI's stream: one event per token; the last one carries generated_text and details."""
     texts: list[str] = []
-    with_top = bool(submission.body.parameters.top_n_tokens)
+    special = special_ids(state) if submission.body.parameters.top_n_tokens else None
 
     def events(out: RequestOutput) -> Iterator[dict]:
         if out.finished and not out.new_tokens:
@@ -109,7 +117,7 @@ def token_events(state: ServerState, submission: Submission) -> EventBuilder:
         for position, token_info in enumerate(out.new_tokens, start=1):
             texts.append(token_info.text)
             event = StreamResponse(index=len(texts), token=token(token_info),
-                                   top_tokens=top_tokens(state, token_info) if with_top else None)
+                                   top_tokens=top_tokens(state, token_info, special) if special is not None else None)
             if out.finished and position == len(out.new_tokens):
                 event.generated_text = full_text(submission, "".join(texts))
                 event.details = StreamDetails(finish_reason=finish_reason(out), generated_tokens=len(texts),

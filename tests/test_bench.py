@@ -15,11 +15,17 @@ from kvserve.progress import LogProgress, progress
 pytest.importorskip("matplotlib")
 
 
+def bench_env(tmp_path) -> dict[str, str]:
+    """A user's environment for `kvserve bench`: models built under tmp_path, nothing downloaded, no
+    PYTHONPATH (the installed package), a fixed terminal width."""
+    return os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
+                         "PYTHONPATH": "", "COLUMNS": "100"}
+
+
 def test_memory_benchmark_end_to_end(tmp_path):
     cwd = tmp_path / "work"
     cwd.mkdir()
-    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": "", "COLUMNS": "100"}
+    env = bench_env(tmp_path)
     cmd = [sys.executable, "-m", "kvserve", "bench", "memory", "--model-shape", "tiny", "--num-requests", "8",
            "--prompt-len", "16:64", "--output-len", "4:24", "--budget-tokens", "256", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
@@ -142,8 +148,7 @@ def test_served_benchmark_end_to_end(tmp_path):
     pytest.importorskip("httpx")
     cwd = tmp_path / "work"
     cwd.mkdir()
-    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": "", "COLUMNS": "100"}
+    env = bench_env(tmp_path)
     cmd = [sys.executable, "-m", "kvserve", "bench", "served", "--model-shape", "tiny", "--num-requests", "8",
            "--prompt-len", "16:48", "--output-len", "4:12", "--probe-streams", "4", "--probe-seconds", "1",
            "--threads", "1", "--startup-timeout", "120"]
@@ -184,8 +189,7 @@ def test_offload_benchmark_end_to_end(tmp_path):
     turn 2's history in the host tier, and both runs' greedy outputs are the same."""
     cwd = tmp_path / "work"
     cwd.mkdir()
-    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": "", "COLUMNS": "100"}
+    env = bench_env(tmp_path)
     cmd = [sys.executable, "-m", "kvserve", "bench", "offload", "--model-shape", "tiny", "--conversations", "4",
            "--history", "96", "--answer-len", "4", "--user-len", "16", "--pool-conversations", "1",
            "--threads", "1"]

@@ -56,6 +56,19 @@ def stream_chunks(server, path: str, body: dict) -> list[dict]:
     return [e for e in events if e != "[DONE]"]
 
 
+def completion_logprobs(server, body: dict, stream: bool) -> tuple[dict, str]:
+    """A completion's logprobs and text; streamed, each chunk's logprobs lists joined."""
+    if not stream:
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"], r.json()["choices"][0]["text"]
+    chunks = stream_chunks(server, "/v1/completions", {**body, "stream": True})
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")]
+    logprobs = {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                              "text_offset")}
+    return logprobs, "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 10,
         "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 5}
 
@@ -96,16 +109,7 @@ def test_chat_logprobs_one_entry_per_token_with_top_logprobs(server, reference, 
 def test_completion_logprobs_int_gives_top_tokens(server, reference, tokenizer, stream):
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "logprobs": 3}
-    if stream:
-        chunks = stream_chunks(server, "/v1/completions", {**body, "stream": True})
-        parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")]
-        logprobs = {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
-                                                                  "text_offset")}
-        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    else:
-        r = post(server, "/v1/completions", body)
-        assert r.status_code == 200, r.text
-        logprobs, text = r.json()["choices"][0]["logprobs"], r.json()["choices"][0]["text"]
+    logprobs, text = completion_logprobs(server, body, stream)
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 8
     assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
     ids, rows = reference.greedy(tokenizer.encode(body["prompt"]), 8)
@@ -166,16 +170,7 @@ def test_completion_echo_with_logprobs_scores_the_prompt(server, reference, toke
     prompt = "The capital of France is Paris"
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
             "logprobs": 2, "echo": True}
-    if stream:
-        chunks = stream_chunks(server, "/v1/completions", {**body, "stream": True})
-        parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")]
-        logprobs = {k: [v for p in parts for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
-                                                                  "text_offset")}
-        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    else:
-        r = post(server, "/v1/completions", body)
-        assert r.status_code == 200, r.text
-        logprobs, text = r.json()["choices"][0]["logprobs"], r.json()["choices"][0]["text"]
+    logprobs, text = completion_logprobs(server, body, stream)
     prompt_ids = tokenizer.encode(prompt)
     n = len(prompt_ids)
     assert text.startswith(prompt) and len(logprobs["tokens"]) == n + 3
