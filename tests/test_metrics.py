@@ -192,7 +192,9 @@ def test_log_line_and_loop(engine_factory, caplog):
     engine, metrics = engine_factory(64)
     with caplog.at_level(logging.INFO, logger="kvserve.server.metrics"):
         metrics.start_log_loop(interval=0.05)
-        asyncio.run(run_many(engine, [prompt_ids(60, k) for k in range(3)], 30))
+        # 200 tokens each: the load spans many 0.05 s intervals (30 could end inside the first one, and
+        # the loop stops before logging the interval it ended in)
+        asyncio.run(run_many(engine, [prompt_ids(60, k) for k in range(3)], 200))
         metrics.stop_log_loop()
     assert any("tok/s" in r.getMessage() and "KV usage" in r.getMessage() for r in caplog.records)
 
