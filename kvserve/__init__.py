@@ -8,7 +8,7 @@ from kvserve.config import EngineConfig
 from kvserve.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, KVServeError, PromptTooLongError
 from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
 try:
-    from kvserve.scheduler.sampling_params import SamplingParams
+    from kvserve.scheduler.sampling_params import SamplingParams, StructuredOutput
 except ModuleNotFoundError as exc:   # the repository's bare kvserve/ folder shadows the installed package
     if exc.name != "kvserve.scheduler":
         raise
@@ -19,7 +19,15 @@ except ModuleNotFoundError as exc:   # the repository's bare kvserve/ folder sha
 __version__ = "0.1.0"
 __all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "InvalidRequestError", "KVServeError", "LLM", "LLMEngine", "PromptTooLongError", "RequestMetrics",
-           "RequestOutput", "SamplingParams", "StepStats", "TokenInfo", "__version__"]
+           "RequestOutput", "SamplingParams", "StepStats", "StructuredOutput", "TokenInfo", "__version__",
+           "check_structured"]
+
+
+def check_structured(spec: StructuredOutput) -> str | None:
+    """Why a structured output's grammar cannot be compiled, or None (cached by spec; it can take a
+    while for a large schema: call it off the event loop)."""
+    from kvserve.structured import check
+    return check(spec)
 
 
 def __getattr__(name: str):

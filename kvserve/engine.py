@@ -14,6 +14,8 @@ import hashlib
 import logging
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -33,7 +35,8 @@ from kvserve.runner import ModelRunner
 from kvserve.sampler import Sampler
 from kvserve.scheduler.sampling_params import SamplingParams
 from kvserve.scheduler.scheduler import Scheduler
-from kvserve.scheduler.sequence import Sequence
+from kvserve.scheduler.sequence import Sequence, SequenceStatus
+from kvserve.structured import GrammarCompiler, GrammarError
 
 log = logging.getLogger("kvserve")
 
@@ -104,8 +107,9 @@ class EngineCore:
                      self.kv_pool.num_host_blocks, self.kv_pool.num_host_blocks * spec.block_size,
                      self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
         self.runner = ModelRunner(model, self.kv_pool, backend)
-        self.sampler = Sampler(device)
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(device, self.grammars)
         self.max_model_len = self._max_model_len()
         if cfg.cuda_graphs or capture:
             self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),
@@ -120,6 +124,7 @@ class EngineCore:
                                  num_host_blocks=self.kv_pool.num_host_blocks)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
+        self.compiling: dict[Sequence, Future] = {}   # structured requests whose grammar compiles, in order
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
@@ -157,32 +162,64 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         seq = Sequence(request_id, prompt_ids, params, self.eos_token_ids, arrival_time)
         self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        if params.structured is None:
+            self.scheduler.add(seq)
+        else:   # scheduled once its grammar is compiled (off this thread, unless cached)
+            self.compiling[seq] = self.grammars.matcher(params.structured)
+            self._admit_compiled()
         return request_id
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        """Schedule the structured requests whose grammar is ready, in arrival order; a grammar that
+        did not compile fails its request."""
+        failed = []
+        for seq, future in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[seq]
+            exc = future.exception()
+            if exc is not None:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+                failed.append(self._ended(seq, f"{type(exc).__name__}: {exc}"))
+                continue
+            seq.matcher = future.result()
+            self.scheduler.add(seq)
+        return failed
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Block up to timeout while only grammar compiles are pending (nothing to step meanwhile)."""
+        if self.compiling and not self.scheduler.has_unfinished():
+            futures_wait(list(self.compiling.values()), timeout, return_when=FIRST_COMPLETED)
 
     def abort(self, request_id: str) -> CoreOutput | None:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        if self.compiling.pop(seq, None) is not None:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        else:
+            self.scheduler.finish(seq, "abort")
         return self._ended(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.compiling)
 
     # the step
     def step(self) -> list[CoreOutput]:
         """Schedule, run the forward, sample. A request whose rows break the forward or the sampling
         fails alone (its output carries the error); the others are not disturbed."""
         t0 = time.perf_counter()
+        outputs = []
+        if self.compiling:
+            self.wait_for_grammars(0.005)    # blocks only while nothing else has work to step
+            outputs = self._admit_compiled()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
         if sched.kv_moves:      # queued copies run even if nothing was scheduled: none may be lost
             with record_function("kvserve::move_blocks"):
                 self.runner.move_blocks(sched)
         if not sched:
-            return []
-        outputs = []
+            return outputs
         with record_function("kvserve::execute"):
             logits, rows, failed_rows, prompt_logits = isolation.execute(self.runner, sched)
             if prompt_logits:
@@ -209,7 +246,11 @@ class EngineCore:
                 continue
             self.generation_tokens += 1
             token, logprob, top = result
-            self._append(seq, token, logprob)
+            try:
+                self._append(seq, token, logprob)
+            except GrammarError as exc:
+                outputs.append(self._fail(seq, exc))
+                continue
             if seq.is_finished:
                 del self.requests[seq.request_id]
             prompt = None
@@ -293,7 +334,12 @@ class EngineCore:
         if not params.ignore_eos and token in seq.eos_token_ids and n_out >= params.min_tokens:
             return self.scheduler.finish(seq, "eos", token)
         if n_out >= params.max_tokens or len(seq) >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
+            return self.scheduler.finish(seq, "length")
+        if seq.matcher is not None:
+            if not seq.matcher.consume_token(token):
+                raise GrammarError(f"token {token} broke the grammar: {seq.matcher.get_error()}")
+            if seq.matcher.is_stopped():      # the grammar is complete and allows nothing more
+                self.scheduler.finish(seq, "grammar")
 
     def stop(self, request_id: str) -> None:
         """End a request the output processor found a stop string in (no output: it has its own)."""

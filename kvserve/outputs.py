@@ -27,7 +27,8 @@ class RequestOutput:
     """One update for one request. `new_*` fields hold what arrived since the previous update.
 
     finish_reason: "eos" (the model's EOS), "stop_token" (a stop_token_ids entry), "stop" (a stop
-    string), "length" (max_tokens or the model's maximum length), "abort", or None while running.
+    string), "length" (max_tokens or the model's maximum length), "grammar" (a structured output is
+    complete), "abort", "error", or None while running.
     """
     request_id: str
     prompt_token_ids: list[int]

@@ -17,13 +17,20 @@ class Sampler:
     draws do not depend on what else shares the batch.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, grammars=None):
         self.device = device
+        self.grammars = grammars    # kvserve.structured.GrammarCompiler: the masks of constrained rows
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], list]:
+        banned = [banned_tokens(s) for s in seqs]
+        allowed = None
+        if self.grammars is not None and any(s.matcher is not None for s in seqs):
+            from kvserve.structured import unpack_bitmask
+            mask = self.grammars.fill_bitmask([s.matcher for s in seqs], banned)
+            allowed = unpack_bitmask(mask, logits.shape[1], logits.device)
+            banned = [[] if s.matcher is not None else b for s, b in zip(seqs, banned)]   # folded into the mask
         return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                      [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs],
-                      [banned_tokens(s) for s in seqs])
+                      [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs], banned, allowed)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:
@@ -43,19 +50,24 @@ def banned_tokens(seq: Sequence) -> list[int]:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
            num_prompt: list[int], generators: list[torch.Generator | None],
-           banned: list[list[int]] | None = None) -> tuple[list[int], list[float], list]:
+           banned: list[list[int]] | None = None,
+           allowed: torch.Tensor | None = None) -> tuple[list[int], list[float], list]:
     """logits [S, V]. Returns chosen token ids, their log-probabilities under the model's
     unprocessed distribution, and per row its params.top_logprobs most likely (token id, logprob)
     pairs under that distribution, most likely first (None for a row that asked for none).
-    banned[i]: token ids row i may not produce (EOS and stop tokens while min_tokens is not reached)."""
+    banned[i]: token ids row i may not produce (EOS and stop tokens while min_tokens is not reached).
+    allowed: [S, V] bool, the tokens each row's grammar allows (applied after every other change)."""
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
     banned = banned or [[] for _ in params]
-    if all(p.greedy and not _has_penalty(p) and not p.logit_bias for p in params) and not any(banned):
+    if (all(p.greedy and not _has_penalty(p) and not p.logit_bias for p in params) and not any(banned)
+            and allowed is None):
         chosen = logits.argmax(dim=-1)
     else:
         chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
         logits = logits.clone()
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
         for i, p in enumerate(params):
             if p.logit_bias:
                 logits[i, upload(list(p.logit_bias), logits.device)] += upload(list(p.logit_bias.values()),

@@ -1,8 +1,10 @@
 """Per-request sampling and stopping parameters, checked so that no value can break a step."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 GREEDY_BELOW = 1e-5          # a temperature below this samples greedily (dividing by it overflows)
 MAX_STOP_TOKEN_IDS = 1024
@@ -11,7 +13,31 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOP_LOGPROBS = 20                    # most likely tokens reported per position (OpenAI's bound)
 MAX_LOGIT_BIAS = 1024                    # entries; each bias is in [-100, 100] as OpenAI documents
+MAX_GRAMMAR_CHARS = 65536                # a structured output's schema or regex, as text
+STRUCTURED_KINDS = ("json", "regex")     # a JSON schema, a regular expression
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # OpenAI's signed 64-bit seeds and TGI's unsigned ones
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar every generated token must keep to: kind "json" (value: a JSON schema, as JSON text)
+    or "regex" (value: the pattern). Compiled and enforced by kvserve.structured."""
+    kind: str
+    value: str
+    MAX_CHARS: ClassVar[int] = MAX_GRAMMAR_CHARS
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> StructuredOutput:
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False))
+
+    def error(self) -> str | None:
+        if self.kind not in STRUCTURED_KINDS:
+            return f"structured.kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}"
+        if not isinstance(self.value, str):
+            return "structured.value must be a string"
+        if len(self.value) > MAX_GRAMMAR_CHARS:
+            return f"structured.value has {len(self.value)} characters; at most {MAX_GRAMMAR_CHARS} are allowed"
+        return None
 
 
 @dataclass
@@ -37,6 +63,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs, and this many most likely (0-20); None: off
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    structured: StructuredOutput | None = None   # a grammar every generated token keeps to
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +91,9 @@ class SamplingParams:
             yield f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
         yield from self._stop_errors()
         yield _logit_bias_error(self.logit_bias)
+        if self.structured is not None:
+            yield (self.structured.error() if isinstance(self.structured, StructuredOutput)
+                   else "structured must be a StructuredOutput")
 
     def _stop_errors(self):
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):

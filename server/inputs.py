@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kvserve import SamplingParams
+from kvserve import SamplingParams, StructuredOutput, check_structured
 from kvserve.server.errors import APIError
+from kvserve.server.grammars import response_format_spec, tgi_grammar_spec
 from kvserve.server.schemas_openai import (ChatCompletionRequest, CompletionRequest, SamplingFields,
                                            TokenizeChatRequest)
 from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
@@ -228,13 +229,11 @@ def check_openai(state: ServerState, body: SamplingFields) -> None:
 
 def check_chat(body: ChatCompletionRequest) -> None:
     """Chat fields that would change the output if they were ignored."""
-    text_format = body.response_format is None or body.response_format.get("type") == "text"
     reject_unsupported([
         ("tools", body.tools, bool(body.tools)),
         ("tool_choice", body.tool_choice, body.tool_choice not in (None, "none")),
         ("functions", body.functions, bool(body.functions)),
         ("function_call", body.function_call, body.function_call not in (None, "none")),
-        ("response_format", body.response_format, not text_format),
         ("modalities", body.modalities, body.modalities not in (None, ["text"])),
         ("audio", body.audio, body.audio is not None),
         ("prediction", body.prediction, body.prediction is not None),
@@ -265,8 +264,18 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return result
 
 
+async def check_grammar(spec: StructuredOutput | None, param: str) -> StructuredOutput | None:
+    """Compile-check a structured output's grammar on a worker thread (cached by spec): a grammar the
+    engine cannot compile is the client's 400, never the engine's failure."""
+    if spec is not None:
+        error = await off_loop("compiling the grammar", param, check_structured, spec)
+        if error:
+            raise APIError("validation", f"{param} cannot be compiled: {error}", param=param)
+    return spec
+
+
 def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_logprobs: int = 0,
-                  prompt_logprobs: int | None = None) -> SamplingParams:
+                  prompt_logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return build_params(
         rename, max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
@@ -275,7 +284,8 @@ def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_log
         frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        logit_bias=logit_bias(body.logit_bias), top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        logit_bias=logit_bias(body.logit_bias), top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+        structured=structured)
 
 
 async def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
@@ -299,8 +309,10 @@ async def prepare_completion(state: ServerState, body: CompletionRequest) -> Pre
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
                                     "max_tokens", "prompt")
     # echo with logprobs: the prompt's tokens get their logprobs too
+    structured = await check_grammar(response_format_spec(body.response_format), "response_format")
     params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0,
-                           prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+                           prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                           structured=structured)
     engine_validate(state, prompt_ids, params, _same, "prompt")
     return Prepared(prompt_ids, params)
 
@@ -382,7 +394,9 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepa
     def rename(field: str) -> str:
         return name if field == "max_tokens" else field
 
-    params = openai_params(body, max_tokens, rename, top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0)
+    structured = await check_grammar(response_format_spec(body.response_format), "response_format")
+    params = openai_params(body, max_tokens, rename, top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+                           structured=structured)
     engine_validate(state, prompt_ids, params, rename, "messages")
     return Prepared(prompt_ids, params)
 
@@ -403,7 +417,6 @@ def check_tgi(parameters: GenerateParameters, stream: bool) -> None:
         ("parameters.typical_p", parameters.typical_p, parameters.typical_p is not None),
         ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
         ("parameters.watermark", parameters.watermark, parameters.watermark),
-        ("parameters.grammar", parameters.grammar, parameters.grammar is not None),
         ("parameters.adapter_id", parameters.adapter_id, parameters.adapter_id is not None),
     ])
     if stream and parameters.decoder_input_details:
@@ -411,7 +424,8 @@ def check_tgi(parameters: GenerateParameters, stream: bool) -> None:
                        param="parameters.decoder_input_details")
 
 
-def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[SamplingParams, int | None]:
+def tgi_params(parameters: GenerateParameters, max_tokens: int,
+               structured: StructuredOutput | None = None) -> tuple[SamplingParams, int | None]:
     """TGI semantics: greedy unless do_sample or a sampling knob is set; a seed is drawn if missing."""
     sample = (parameters.do_sample or parameters.temperature not in (None, 1.0) or parameters.top_k is not None
               or parameters.top_p is not None)
@@ -422,7 +436,8 @@ def tgi_params(parameters: GenerateParameters, max_tokens: int) -> tuple[Samplin
         repetition_penalty=parameters.repetition_penalty or 1.0,
         frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
         include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0,
-        prompt_logprobs=0 if parameters.details and parameters.decoder_input_details else None)
+        prompt_logprobs=0 if parameters.details and parameters.decoder_input_details else None,
+        structured=structured)
     return params, seed
 
 
@@ -437,6 +452,7 @@ async def prepare_tgi(state: ServerState, body: GenerateRequest, stream: bool) -
         raise APIError("validation", "inputs must not be empty", param="inputs")
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, parameters.max_new_tokens,
                                     DEFAULT_MAX_NEW_TOKENS, "parameters.max_new_tokens", "inputs")
-    params, seed = tgi_params(parameters, max_tokens)
+    structured = await check_grammar(tgi_grammar_spec(parameters.grammar), "parameters.grammar")
+    params, seed = tgi_params(parameters, max_tokens, structured)
     engine_validate(state, prompt_ids, params, tgi_name, "inputs")
     return Prepared(prompt_ids, params, seed)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the engine module imports torch
 
 logger = logging.getLogger(__name__)
 
-SUCCESS_REASONS = ("eos", "stop_token", "stop", "length")
+SUCCESS_REASONS = ("eos", "stop_token", "stop", "length", "grammar")
 FAILURE_REASONS = ("validation", "overloaded", "aborted", "engine_error", "timeout")
 BLOCK_STATES = ("used", "cached", "free")
 

@@ -22,7 +22,7 @@ from kvserve.server.validation import finite
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
-OPENAI_FINISH = {"eos": "stop", "stop_token": "stop", "stop": "stop", "length": "length"}
+OPENAI_FINISH = {"eos": "stop", "stop_token": "stop", "stop": "stop", "length": "length", "grammar": "stop"}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIErrorResponse, "description": "invalid request"},
     404: {"model": OpenAIErrorResponse, "description": "unknown model"},

@@ -22,7 +22,8 @@ from kvserve.server.validation import finite
 
 router = APIRouter(tags=["TGI"])
 
-TGI_FINISH = {"eos": "eos_token", "stop_token": "eos_token", "stop": "stop_sequence", "length": "length"}
+TGI_FINISH = {"eos": "eos_token", "stop_token": "eos_token", "stop": "stop_sequence", "length": "length",
+              "grammar": "eos_token"}
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": TGIErrorResponse, "description": "validation error"},
     429: {"model": TGIErrorResponse, "description": "too many requests waiting"},

@@ -47,6 +47,9 @@ class SamplingFields(ClientBody):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: dict[str, Any] | None = Field(None, description=(
+        "{\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+        "{\"name\", \"schema\", \"strict\"}}: the output is constrained to the schema"))
     # accepted and ignored: they change nothing in what this server generates
     user: str | None = None
     store: bool | None = None
@@ -89,7 +92,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many of the most likely "
                                      "tokens at each position (0-20)")
-    response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
     tools: list[Any] | None = Field(None, description="not supported: only null or []")
     tool_choice: Any = Field(None, description="only null or \"none\"")
     functions: list[Any] | None = Field(None, description="not supported: only null or []")

@@ -12,8 +12,8 @@ DEFAULT_MAX_NEW_TOKENS = 100
 
 
 class GenerateParameters(NullAsDefault):
-    """TGI's `parameters`, in TGI's documented ranges; typical_p, best_of, watermark, grammar and
-    adapter_id only at their defaults."""
+    """TGI's `parameters`, in TGI's documented ranges; typical_p, best_of, watermark and adapter_id only
+    at their defaults."""
     model_config = ConfigDict(extra="allow")
 
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS}, "
@@ -37,7 +37,9 @@ class GenerateParameters(NullAsDefault):
                                      "generated position, in details.top_tokens (0-20)")
     best_of: int | None = Field(None, ge=1, description="not supported: only null or 1")
     watermark: bool = Field(False, description="not supported: only false")
-    grammar: Any = Field(None, description="not supported: only null")
+    grammar: Any = Field(None, description="{\"type\": \"json\", \"value\": schema}, {\"type\": \"json_schema\", "
+                         "\"value\": {\"name\", \"schema\"}} or {\"type\": \"regex\", \"value\": pattern}: the output "
+                         "is constrained to it")
     adapter_id: str | None = Field(None, description="not supported: only null")
     ignore_eos: bool = Field(False, description="kvserve extension: keep generating after EOS")
 

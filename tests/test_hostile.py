@@ -128,7 +128,9 @@ def tgi_cases() -> list[Case]:
     param("best_of", [1], [2, 0, -1, U64])
     param("top_n_tokens", [0, 20], [21, -1, U64])
     param("watermark", [False], [True])
-    param("grammar", [], [{"type": "json", "value": {}}, "x"])
+    param("grammar", [{"type": "json", "value": {}}, {"type": "regex", "value": "[a-z]+"}],
+          [{"type": "regex", "value": "a(b"}, {"type": "json", "value": 5}, {"type": "json", "value": "{"},
+           {"type": "lark", "value": "x"}, {"type": "json", "value": {"$ref": "#/none"}}, "x"])
     param("adapter_id", [], ["x", "\ud800"])
     param("ignore_eos", [True], ["x"])
     param("unknown_knob", [], [1, "x", {"a": [1]}])
@@ -275,7 +277,9 @@ def openai_cases() -> list[Case]:
     param("top_logprobs", [0], [21, -1, U64], apis=("chat",))
     param("tools", [[]], [[{"type": "function", "function": {"name": "f", "parameters": {}}}], "x"], apis=("chat",))
     param("tool_choice", ["none"], ["auto", {"type": "function"}], apis=("chat",))
-    param("response_format", [{"type": "text"}], [{"type": "json_object"}, "x"], apis=("chat",))
+    param("response_format", [{"type": "text"}, {"type": "json_object"}],
+          [{"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/none"}}},
+           {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}}, {"type": 5}, "x"])
     param("add_generation_prompt", [False], ["x"], apis=("chat",))
     param("chat_template", [], ["{{ 'injected' }}", "{% for x in range(10**9) %}{% endfor %}",
                                 "{{ ''.__class__.__mro__[1].__subclasses__() }}", 5], apis=("chat",))

@@ -284,7 +284,7 @@ def test_tgi_stop_sequence_is_included_and_ends_generation(client):
     ({"top_n_tokens": 21}, "parameters.top_n_tokens"),
     ({"best_of": 2}, "parameters.best_of"),
     ({"watermark": True}, "parameters.watermark"),
-    ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar"),
+    ({"grammar": {"type": "regex", "value": "a(b"}}, "parameters.grammar"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "parameters.stop"),
     ({"no_such_knob": 1}, "parameters.no_such_knob"),
     ({"max_new_tokens": MAX_MODEL_LEN}, "parameters.max_new_tokens"),
