@@ -121,6 +121,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              "8MiB", type=parse_size, default=f"{DEFAULT_MAX_REQUEST_BYTES // 2**20}MiB", metavar="SIZE")
     add_switch(p, "--trust-request-chat-template", "let clients send their own chat_template (Jinja run in "
                "transformers' sandbox); refused otherwise")
+    add_flag(p, "--tool-call-parser", "the model's tool-call format, parsed from its replies for tool_choice "
+             "\"auto\" (hermes covers Qwen2.5, Qwen3 and Hermes)", unset="recognised from the chat template",
+             choices=["hermes", "llama3_json", "mistral"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +219,8 @@ def make_server(args: argparse.Namespace, config: Any, served_names: tuple[str, 
 
     settings = ServerSettings(served_model_names=served_names, api_key=args.api_key,
                               max_request_bytes=args.max_request_bytes,
-                              trust_request_chat_template=args.trust_request_chat_template)
+                              trust_request_chat_template=args.trust_request_chat_template,
+                              tool_call_parser=args.tool_call_parser)
     app = create_app(None, loader=engine_loader(config, args.max_waiting_requests),
                      keepalive_interval=args.sse_keepalive, info_extra={**limits(args), "demo": demo},
                      on_load_error=cannot_serve, on_engine_death=cannot_serve, settings=settings)

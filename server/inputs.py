@@ -16,6 +16,7 @@ from typing import Any
 from kvserve import SamplingParams, StructuredOutput, check_structured
 from kvserve.server.errors import APIError
 from kvserve.server.grammars import response_format_spec, tgi_grammar_spec
+from kvserve.server.tools import ToolPlan, plan_tools, template_message
 from kvserve.server.schemas_openai import (ChatCompletionRequest, CompletionRequest, SamplingFields,
                                            TokenizeChatRequest)
 from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
@@ -47,6 +48,7 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int | None = None
+    tools: ToolPlan | None = None      # chat: what the reply does with the request's tools
 
 
 # the model name
@@ -230,8 +232,6 @@ def check_openai(state: ServerState, body: SamplingFields) -> None:
 def check_chat(body: ChatCompletionRequest) -> None:
     """Chat fields that would change the output if they were ignored."""
     reject_unsupported([
-        ("tools", body.tools, bool(body.tools)),
-        ("tool_choice", body.tool_choice, body.tool_choice not in (None, "none")),
         ("functions", body.functions, bool(body.functions)),
         ("function_call", body.function_call, body.function_call not in (None, "none")),
         ("modalities", body.modalities, body.modalities not in (None, ["text"])),
@@ -366,7 +366,8 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
 
 
 async def chat_prompt(state: ServerState, body: ChatCompletionRequest | TokenizeChatRequest,
-                      continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+                      continue_final_message: bool = False, add_special_tokens: bool = False,
+                      tools: list[dict] | None = None) -> list[int]:
     """Render the messages with the chat template on a worker thread, then tokenize (by default without
     extra specials: the template writes them)."""
     engine = state.require_engine()
@@ -375,8 +376,12 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest | Tokenize
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError("validation", "this model has no chat template; use /v1/completions instead",
                        param="messages", code="no_chat_template")
-    messages = [{"role": message.role, "content": message_text(message.content),
-                 **({"name": message.name} if message.name else {})} for message in body.messages]
+    messages = [template_message({"role": message.role, "content": message_text(message.content),
+                                  **({"name": message.name} if message.name else {})},
+                                 getattr(message, "tool_calls", None), getattr(message, "tool_call_id", None))
+                for message in body.messages]
+    if tools:
+        kwargs = {**kwargs, "tools": tools}
     return await off_loop("rendering the chat template", "messages", render_chat, tokenizer, messages,
                           body.add_generation_prompt, template, kwargs, engine.max_model_len,
                           continue_final_message, add_special_tokens)
@@ -386,7 +391,9 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepa
     check_openai(state, body)
     check_chat(body)
     engine = state.require_engine()
-    prompt_ids = await chat_prompt(state, body)
+    tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine.tokenizer.chat_template,
+                       state.settings.tool_call_parser)
+    prompt_ids = await chat_prompt(state, body, tools=tools.tools)
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, requested, None, name, "messages")
@@ -394,11 +401,20 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Prepa
     def rename(field: str) -> str:
         return name if field == "max_tokens" else field
 
-    structured = await check_grammar(response_format_spec(body.response_format), "response_format")
+    structured = response_format_spec(body.response_format)
+    if tools.forced:
+        if structured is not None:
+            raise APIError("validation", f"response_format cannot be combined with tool_choice {tools.mode!r} (the "
+                           "reply is the tool calls)", param="response_format")
+        structured = await check_grammar(tools.structured, "tools")
+    else:
+        structured = await check_grammar(structured, "response_format")
     params = openai_params(body, max_tokens, rename, top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
                            structured=structured)
+    if tools.parser is not None and tools.parser.needs_special_tokens:
+        params.skip_special_tokens = False     # the format's markers are special tokens
     engine_validate(state, prompt_ids, params, rename, "messages")
-    return Prepared(prompt_ids, params)
+    return Prepared(prompt_ids, params, tools=tools)
 
 
 def _same(field: str) -> str:

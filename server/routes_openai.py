@@ -15,8 +15,11 @@ from kvserve.server.inputs import check_model, prepare_chat, prepare_completion
 from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
                                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
-                                           CompletionRequest, CompletionResponse, OpenAIErrorResponse, ModelCard,
-                                           ModelList, PromptTokensDetails, SamplingFields, TopLogprob, Usage)
+                                           CompletionRequest, CompletionResponse, FunctionCall, FunctionCallDelta,
+                                           OpenAIErrorResponse, ModelCard, ModelList, PromptTokensDetails,
+                                           SamplingFields, ToolCallDelta, ToolCallOut, TopLogprob, Usage)
+from kvserve.server.tool_parsers import ContentDelta
+from kvserve.server.tools import ToolPlan, call_id
 from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
 from kvserve.server.validation import finite
 
@@ -230,31 +233,59 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt_ids = prepared.prompt_ids
     engine_request = await admit(state, prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}")
     header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    tools = prepared.tools
     if body.stream:
-        return stream_chat(state, engine_request, header, body.logprobs, include_usage(body))
+        return stream_chat(state, engine_request, header, body.logprobs, include_usage(body), tools)
     result = await engine_request.collect(request)
     if result is None:
         return Response(status_code=499)
     out, tokens = result
-    choice = ChatChoice(message=ChatResponseMessage(content=out.text), finish_reason=finish_reason(out),
+    content, calls = tools.parse(out.text)
+    message = ChatResponseMessage(content=content, tool_calls=[
+        ToolCallOut(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
+    choice = ChatChoice(message=message, finish_reason=chat_finish_reason(out, bool(calls)),
                         logprobs=chat_logprobs(tokens, state.require_engine().token_bytes) if body.logprobs else None)
     response = ChatCompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
     return JSONResponse(response.model_dump())
 
 
+def chat_finish_reason(out: RequestOutput, has_calls: bool) -> str | None:
+    """tool_calls when the reply holds calls (unless max_tokens cut it), else the usual reason."""
+    reason = finish_reason(out)
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
 def stream_chat(state: ServerState, engine_request: EngineRequest, header: dict, with_logprobs: bool,
-                with_usage: bool) -> Response:
+                with_usage: bool, tools: ToolPlan) -> Response:
     token_bytes = state.require_engine().token_bytes
+    reply = tools.stream()
+
     def chunk(choice: ChatChunkChoice) -> dict:
         return dump_chunk(ChatCompletionChunk(**header, choices=[choice]), with_usage)
 
+    def deltas(events: list) -> list[ChatDelta]:
+        """Reply events as deltas: content runs, and each call fragment (id, type and name on its first)."""
+        result = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                result.append(ChatDelta(content=event.text))
+                continue
+            first = event.name is not None
+            result.append(ChatDelta(tool_calls=[ToolCallDelta(
+                index=event.index, id=reply.ids[event.index] if first else None, type="function" if first else None,
+                function=FunctionCallDelta(name=event.name, arguments=event.arguments))]))
+        return result
+
     def chunks(out: RequestOutput) -> list[dict]:
         result = []
-        if out.new_text or (with_logprobs and out.new_tokens):
-            logprobs = chat_logprobs(out.new_tokens, token_bytes) if with_logprobs else None
-            result.append(chunk(ChatChunkChoice(delta=ChatDelta(content=out.new_text), logprobs=logprobs)))
+        events = reply.feed(out.new_text) + (reply.finish() if out.finished else [])
+        logprobs = chat_logprobs(out.new_tokens, token_bytes) if with_logprobs and out.new_tokens else None
+        parts = deltas(events) or ([ChatDelta(content="")] if logprobs else [])
+        for i, delta in enumerate(parts):   # this update's logprobs ride on its first chunk
+            result.append(chunk(ChatChunkChoice(delta=delta, logprobs=logprobs if i == 0 else None)))
         if out.finished:
-            result.append(chunk(ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(out))))
+            result.append(chunk(ChatChunkChoice(delta=ChatDelta(),
+                                                finish_reason=chat_finish_reason(out, reply.has_calls))))
         return result
 
     opening = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]

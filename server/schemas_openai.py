@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvserve.server.validation import ClientBody, NullAsDefault
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 MAX_STOP_SEQUENCES = 64       # OpenAI documents 4; vLLM has no cap; SamplingParams' own bound
 MAX_LOGIT_BIAS = 1024
 MAX_STOP_TOKEN_IDS = 1024
@@ -82,6 +82,9 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant's calls: {id, type, function: "
+                                                    "{name, arguments}}")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -92,11 +95,12 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many of the most likely "
                                      "tokens at each position (0-20)")
-    tools: list[Any] | None = Field(None, description="not supported: only null or []")
-    tool_choice: Any = Field(None, description="only null or \"none\"")
-    functions: list[Any] | None = Field(None, description="not supported: only null or []")
-    function_call: Any = Field(None, description="only null or \"none\"")
-    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools)")
+    tools: list[Any] | None = Field(None, description="function tools, rendered through the chat template")
+    tool_choice: Any = Field(None, description="\"none\", \"auto\" (the default with tools), \"required\" or "
+                             "{\"type\": \"function\", \"function\": {\"name\"}}")
+    functions: list[Any] | None = Field(None, description="deprecated by OpenAI, not supported: use tools")
+    function_call: Any = Field(None, description="deprecated by OpenAI, only null or \"none\": use tool_choice")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (tool_choice required)")
     modalities: list[str] | None = Field(None, description="only [\"text\"]")
     audio: Any = Field(None, description="not supported: only null")
     prediction: Any = Field(None, description="not supported: only null")
@@ -220,9 +224,34 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str          # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A fragment of a streamed call: its first has id, type and the function's name."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatChoice(BaseModel):
@@ -241,6 +270,7 @@ class ChatCompletionResponse(CompletionBase):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -37,6 +37,7 @@ class ServerSettings:
     api_key: str | None = None                           # Bearer token the API routes require
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger bodies get 413
     trust_request_chat_template: bool = False            # allow a client's own chat_template
+    tool_call_parser: str | None = None                  # the model's tool-call format (None: from its template)
 
 
 @dataclass

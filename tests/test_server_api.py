@@ -403,7 +403,7 @@ def test_cached_tokens_reported_on_repeated_prompt(client):
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     400, "tools"),
+     400, "tools[0]"),
 ])
 def test_openai_errors_use_openai_shape(client, path, body, status, param):
     r = client.post(path, json=body)

@@ -173,8 +173,6 @@ def test_fields_that_change_nothing_are_accepted(client):
     ({"reasoning_effort": "high"}, "reasoning_effort"), ({"verbosity": "low"}, "verbosity"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"web_search_options": {}}, "web_search_options"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "required"},
-                                                                             "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"some_new_knob": 1}, "some_new_knob"),
 ])
