@@ -15,6 +15,7 @@ BENCHMARKS = {
     "serve": "kvserve.bench.serve",
     "served": "kvserve.bench.served",
     "decode-floor": "kvserve.bench.decode_floor",
+    "structured": "kvserve.bench.structured",
 }
 
 

@@ -82,7 +82,7 @@ def _short(message: str, limit: int = 500) -> str:
 
 class GrammarCompiler:
     """The engine's side: llguidance's view of the tokenizer, compiled matchers cached by spec, and
-    the thread pool that compiles new ones and fills the batch's masks."""
+    the thread that compiles new ones."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
         self._hf_tokenizer = tokenizer
@@ -93,7 +93,6 @@ class GrammarCompiler:
         self._templates: OrderedDict[StructuredOutput, object] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._executor = None
 
     def _tokenizer(self):
         with self._lock:
@@ -152,12 +151,12 @@ class GrammarCompiler:
             return None
         import numpy as np
         import torch
-        from llguidance import LLExecutor
-        from llguidance.torch import fill_next_token_bitmask_par
-        if self._executor is None:
-            self._executor = LLExecutor(num_threads=min(8, max(1, torch.get_num_threads())))
+        from llguidance.torch import fill_next_token_bitmask
+        # one row after another on this thread: llguidance's parallel executor (a rayon pool) fought torch's
+        # threads for the cores; on 2 cores it made constrained steps 5.8x slower (bench structured)
         mask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        fill_next_token_bitmask_par(self._executor, rows, mask)
+        for matcher, i in rows:
+            fill_next_token_bitmask(matcher, mask, i)
         words = mask.numpy().view(np.uint32)
         for _, i in rows:
             ids = [t for t in banned[i] if 0 <= t < self.vocab_size]
