@@ -161,14 +161,18 @@ class KVCacheManager:
             self.pool.free(block)
         self.block_hashes.pop(seq_id, None)
 
-    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """The child shares every block of the parent; writes trigger copy-on-write."""
+    def fork(self, parent_id: Hashable, child_id: Hashable, num_tokens: int | None = None) -> None:
+        """The child shares the parent's blocks (those holding its first num_tokens tokens, or all of
+        them); a write into a shared block copies it first (copy-on-write)."""
         assert child_id not in self.block_tables
         table = self.block_tables[parent_id]
+        if num_tokens is not None:
+            table = table[:-(-num_tokens // self.block_size)]
         for block in table:
             self.pool.touch(block)
         self.block_tables[child_id] = list(table)
-        self.block_hashes[child_id] = list(self.block_hashes.get(parent_id, []))
+        hashes = self.block_hashes.get(parent_id, [])
+        self.block_hashes[child_id] = list(hashes if num_tokens is None else hashes[:num_tokens // self.block_size])
 
     def block_ids(self, seq_id: Hashable) -> list[int]:
         return [b.block_id for b in self.block_tables.get(seq_id, ())]

@@ -248,8 +248,11 @@ class AsyncEngine:
 
     # requests
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       quiet_after: float | None = None) -> AsyncIterator[RequestOutput | None]:
+                       quiet_after: float | None = None,
+                       parent_request_id: str | None = None) -> AsyncIterator[RequestOutput | None]:
         """Stream a request's outputs; leaving the loop early aborts it and frees its blocks.
+        parent_request_id: a running request with the same prompt whose prompt KV blocks this one
+        shares (another of n outputs for one prompt: the prompt is prefilled once).
 
         Each output carries what arrived since the caller's previous read (one token per engine
         step, or several if the caller fell behind). With `quiet_after`, None is yielded each time
@@ -273,7 +276,7 @@ class AsyncEngine:
             self._forget(request_id)
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         self._adds_sent += 1
-        self._outbox.put(("add", request_id, prompt_ids, params, arrival))
+        self._outbox.put(("add", request_id, prompt_ids, params, arrival, parent_request_id))
         finished = False
         try:
             while True:

@@ -125,6 +125,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self.compiling: dict[Sequence, Future] = {}   # structured requests whose grammar compiles, in order
+        self.forks: dict[str, list[Sequence]] = {}    # parent request id -> requests waiting to share its prompt
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
@@ -155,19 +156,51 @@ class EngineCore:
         validate_request(prompt_ids, params, self.max_model_len, self.runner.vocab_size)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, parent_request_id: str | None = None) -> str:
+        """Queue a request. With parent_request_id (an unfinished request with the same prompt, e.g. the
+        first of a request's n outputs), it waits for the parent's prompt to be prefilled, then shares
+        its KV blocks copy-on-write and computes only the last prompt token itself."""
         self.validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         seq = Sequence(request_id, prompt_ids, params, self.eos_token_ids, arrival_time)
         self.requests[request_id] = seq
-        if params.structured is None:
+        parent = self.requests.get(parent_request_id) if parent_request_id is not None else None
+        if (parent is not None and parent is not seq and not parent.is_finished and len(prompt_ids) > 1
+                and parent.prompt_token_ids == seq.prompt_token_ids and params.prompt_logprobs is None):
+            self.forks.setdefault(parent.request_id, []).append(seq)
+        else:
+            self._queue(seq)
+        return request_id
+
+    def _queue(self, seq: Sequence) -> None:
+        if seq.params.structured is None:
             self.scheduler.add(seq)
         else:   # scheduled once its grammar is compiled (off this thread, unless cached)
-            self.compiling[seq] = self.grammars.matcher(params.structured)
+            self.compiling[seq] = self.grammars.matcher(seq.params.structured)
             self._admit_compiled()
-        return request_id
+
+    def _fork_ready(self) -> None:
+        """Start the sequences waiting for a parent whose prompt (all but its last token) is computed:
+        they share its blocks; a parent gone first leaves them to run alone."""
+        for parent_id, children in list(self.forks.items()):
+            parent = self.requests.get(parent_id)
+            if parent is not None and not parent.is_finished:
+                shared = parent.num_prompt_tokens - 1
+                if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared:
+                    continue
+            del self.forks[parent_id]
+            for child in children:
+                matcher = None
+                if child.params.structured is not None:
+                    future = self.grammars.matcher(child.params.structured)   # the parent's: cached
+                    matcher = future.result() if future.done() and future.exception() is None else None
+                if parent is None or parent.is_finished or (child.params.structured is not None and matcher is None):
+                    self._queue(child)
+                    continue
+                child.matcher = matcher
+                self.scheduler.add_forked(child, parent, shared)
 
     def _admit_compiled(self) -> list[CoreOutput]:
         """Schedule the structured requests whose grammar is ready, in arrival order; a grammar that
@@ -195,14 +228,17 @@ class EngineCore:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        if self.compiling.pop(seq, None) is not None:
+        waiting_fork = next((c for c in self.forks.values() if seq in c), None)
+        if waiting_fork is not None:
+            waiting_fork.remove(seq)
+        if waiting_fork is not None or self.compiling.pop(seq, None) is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         else:
             self.scheduler.finish(seq, "abort")
         return self._ended(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.compiling)
+        return self.scheduler.has_unfinished() or bool(self.compiling) or bool(self.forks)
 
     # the step
     def step(self) -> list[CoreOutput]:
@@ -210,6 +246,8 @@ class EngineCore:
         fails alone (its output carries the error); the others are not disturbed."""
         t0 = time.perf_counter()
         outputs = []
+        if self.forks:
+            self._fork_ready()
         if self.compiling:
             self.wait_for_grammars(0.005)    # blocks only while nothing else has work to step
             outputs = self._admit_compiled()
@@ -237,6 +275,8 @@ class EngineCore:
             if isinstance(result, Exception):
                 outputs.append(self._fail(seq, result))
         self.scheduler.update_computed(sched)
+        if self.forks:
+            self._fork_ready()
         self._check_compiles(sched)
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
@@ -495,9 +535,9 @@ class LLMEngine(EngineCore):
         return self.output_processor.token_bytes(token_id)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, parent_request_id: str | None = None) -> str:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        request_id = super().add_request(prompt_ids, params, request_id, arrival_time)
+        request_id = super().add_request(prompt_ids, params, request_id, arrival_time, parent_request_id)
         self.output_processor.add(request_id, prompt_ids, params, self.requests[request_id].arrival_time)
         return request_id
 

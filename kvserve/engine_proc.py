@@ -4,7 +4,7 @@ The API process (kvserve.async_engine) does HTTP, validation, tokenization and d
 process only steps the EngineCore. Two one-way pipes join them, each message a pickled batch built
 by kvserve itself (client input crosses as ids and validated SamplingParams, never as code):
 
-  API -> core   a list of commands: ("add", id, prompt_ids, params, arrival_time), ("abort", id),
+  API -> core   a list of commands: ("add", id, prompt_ids, params, arrival_time, parent_id), ("abort", id),
                 ("stop", id) (a stop string ended it), ("kv_snapshot",), ("shutdown",)
   core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
                 then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
@@ -132,9 +132,9 @@ def _loop(core, commands: Connection, results: Connection) -> None:
                 kind = cmd[0]
                 if kind == "add":
                     adds_taken += 1
-                    _, request_id, prompt_ids, params, arrival = cmd
+                    _, request_id, prompt_ids, params, arrival, parent_id = cmd
                     try:
-                        core.add_request(prompt_ids, params, request_id, arrival)
+                        core.add_request(prompt_ids, params, request_id, arrival, parent_id)
                     except Exception as exc:  # noqa: BLE001 - refused alone (the API validated it already)
                         outputs.append((request_id, _portable(exc)))
                 elif kind == "abort":

@@ -86,6 +86,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_forked(self, seq: Sequence, parent: Sequence, num_tokens: int) -> None:
+        """Queue a sequence that starts from its parent's first num_tokens tokens, sharing their KV
+        blocks (one of a request's n outputs: the prompt is prefilled once). It goes to the front of
+        the queue, to run beside its parent."""
+        self.kv.fork(parent.request_id, seq.request_id, num_tokens)
+        seq.num_computed_tokens = num_tokens
+        self.waiting.appendleft(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -121,14 +129,15 @@ class Scheduler:
             seq = self.waiting[0]
             # prompt logprobs need every prompt position's logits: no prefix hit for such a request
             logits_wanted = needs_prompt_logits(seq)
-            hits = [] if logits_wanted else self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
-            num_hit = len(hits) * self.kv.block_size
+            forked = seq.num_computed_tokens > 0     # shares its prompt's blocks with a sibling (add_forked)
+            hits = [] if logits_wanted or forked else self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
+            num_hit = seq.num_computed_tokens if forked else len(hits) * self.kv.block_size
             n = min(len(seq) - num_hit, budget, logit_budget if logits_wanted else budget)
             if n == 0 or not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
                 break
             if logits_wanted:
                 logit_budget -= n
-            else:       # a request that cannot look the cache up is not counted as a miss
+            elif not forked:      # a request that cannot look the cache up is not counted as a miss
                 self.kv.record_prefix_query(len(seq), hits)
             self.waiting.popleft()
             seq.num_computed_tokens = num_hit
