@@ -10,15 +10,15 @@ import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvserve import SamplingParams, StructuredOutput, check_structured
 from kvserve.server.errors import APIError
 from kvserve.server.grammars import response_format_spec, tgi_grammar_spec
 from kvserve.server.tools import ToolPlan, plan_tools, template_message
-from kvserve.server.schemas_openai import (ChatCompletionRequest, CompletionRequest, SamplingFields,
-                                           TokenizeChatRequest)
+from kvserve.server.schemas_openai import (MAX_PROMPTS, MAX_SEQUENCES, ChatCompletionRequest, CompletionRequest,
+                                           SamplingFields, TokenizeChatRequest)
 from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
 from kvserve.server.serving import ServerState
 from kvserve.server.validation import (check_json_value, random_seed, reject_unknown, reject_unsupported,
@@ -226,7 +226,6 @@ def check_openai(state: ServerState, body: SamplingFields) -> None:
             raise APIError("validation", "stream_options is only allowed when stream is true",
                            param="stream_options")
         reject_unknown(body.stream_options, prefix="stream_options.")
-    reject_unsupported([("n", body.n, body.n != 1)])
 
 
 def check_chat(body: ChatCompletionRequest) -> None:
@@ -246,10 +245,28 @@ def check_chat(body: ChatCompletionRequest) -> None:
 
 
 def check_completion(body: CompletionRequest) -> None:
-    reject_unsupported([
-        ("suffix", body.suffix, body.suffix is not None),
-        ("best_of", body.best_of, body.best_of not in (None, 1)),
-    ])
+    reject_unsupported([("suffix", body.suffix, body.suffix is not None)])
+    n = body.n or 1
+    if body.best_of is not None and body.best_of < n:
+        raise APIError("validation", f"best_of must be at least n ({n}), got {body.best_of}", param="best_of")
+    if body.stream and body.best_of not in (None, n):
+        raise APIError("validation", "best_of must equal n when streaming (the best are known only at the end)",
+                       param="best_of")
+
+
+def choices_per_prompt(body: SamplingFields) -> tuple[int, int]:
+    """(n, outputs generated per prompt): best_of for completions that ask for it."""
+    n = body.n or 1
+    return n, max(n, getattr(body, "best_of", None) or n)
+
+
+def member_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The params of a prompt's output j: output 0's own; a seeded request gives each output its own seed
+    (reproducible, different draws), and only output 0 computes prompt logprobs."""
+    if j == 0:
+        return params
+    seed = None if params.seed is None else (params.seed + j * 0x9E3779B97F4A7C15) % 2**64
+    return replace(params, seed=seed, prompt_logprobs=None)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -288,33 +305,46 @@ def openai_params(body: SamplingFields, max_tokens: int, rename: Rename, top_log
         structured=structured)
 
 
-async def completion_prompt(state: ServerState, prompt: Any) -> list[int]:
-    """Token ids of a completion prompt: a string, token ids, or a list holding one of those."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError("validation", f"only one prompt per request is supported, got {len(prompt)}",
-                           param="prompt")
-        prompt = prompt[0]
-    ids = await tokenize(state, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise APIError("validation", "prompt must not be empty", param="prompt")
-    return ids
+async def completion_prompts(state: ServerState, prompt: Any, outputs_per_prompt: int) -> list[list[int]]:
+    """Token ids of each completion prompt: a string, token ids, or a list of those (at most MAX_PROMPTS,
+    and MAX_SEQUENCES outputs in all)."""
+    prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError("validation", f"prompt has {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed",
+                       param="prompt")
+    if len(prompts) * outputs_per_prompt > MAX_SEQUENCES:
+        raise APIError("validation", f"{len(prompts)} prompts x {outputs_per_prompt} outputs each is "
+                       f"{len(prompts) * outputs_per_prompt} sequences; at most {MAX_SEQUENCES} are allowed",
+                       param="n")
+    result = []
+    for i, one in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        ids = await tokenize(state, one, param) if isinstance(one, str) else list(one)
+        if not ids:
+            raise APIError("validation", f"{param} must not be empty", param=param)
+        result.append(ids)
+    return result
 
 
-async def prepare_completion(state: ServerState, body: CompletionRequest) -> Prepared:
+async def prepare_completion(state: ServerState, body: CompletionRequest) -> list[Prepared]:
+    """One Prepared per prompt."""
     check_openai(state, body)
     check_completion(body)
     engine = state.require_engine()
-    prompt_ids = await completion_prompt(state, body.prompt)
-    max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
-                                    "max_tokens", "prompt")
-    # echo with logprobs: the prompt's tokens get their logprobs too
+    prompts = await completion_prompts(state, body.prompt, choices_per_prompt(body)[1])
     structured = await check_grammar(response_format_spec(body.response_format), "response_format")
-    params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0,
-                           prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
-                           structured=structured)
-    engine_validate(state, prompt_ids, params, _same, "prompt")
-    return Prepared(prompt_ids, params)
+    prepared = []
+    for i, prompt_ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        max_tokens = resolve_max_tokens(len(prompt_ids), engine.max_model_len, body.max_tokens, None,
+                                        "max_tokens", param)
+        # echo with logprobs: the prompt's tokens get their logprobs too
+        params = openai_params(body, max_tokens, _same, top_logprobs=body.logprobs or 0,
+                               prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                               structured=structured)
+        engine_validate(state, prompt_ids, params, _same, param)
+        prepared.append(Prepared(prompt_ids, params))
+    return prepared
 
 
 def template_inputs(state: ServerState,

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve import RequestOutput, TokenInfo
-from kvserve.server.inputs import check_model, prepare_chat, prepare_completion
+from kvserve.server.inputs import check_model, choices_per_prompt, member_params, prepare_chat, prepare_completion
 from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk,
                                            ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprob,
                                            ChatResponseMessage, CompletionChoice, CompletionLogprobs,
@@ -20,7 +20,8 @@ from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatC
                                            SamplingFields, ToolCallDelta, ToolCallOut, TopLogprob, Usage)
 from kvserve.server.tool_parsers import ContentDelta
 from kvserve.server.tools import ToolPlan, call_id
-from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
+from kvserve.server.serving import (EventBuilder, RequestGroup, ServerState, admit_group, get_state,
+                                    stream_response)
 from kvserve.server.validation import finite
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -33,13 +34,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": OpenAIErrorResponse, "description": "loading, shutting down or engine dead"},
     "4XX": {"model": OpenAIErrorResponse, "description": "every client error has this shape"},
 }
-
-
-def usage(prompt_len: int, out: RequestOutput) -> Usage:
-    completion_tokens = len(out.token_ids)
-    return Usage(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
-                 total_tokens=prompt_len + completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
 
 
 def finish_reason(out: RequestOutput) -> str | None:
@@ -113,16 +107,29 @@ def chat_logprobs(tokens: list[TokenInfo], token_bytes: Callable[[int], bytes]) 
         for t in tokens])
 
 
-def stream(state: ServerState, engine_request: EngineRequest, header: dict,
-           chunk_type: type[CompletionResponse | ChatCompletionChunk], chunks: EventBuilder, with_usage: bool,
-           opening: list[dict]) -> Response:
-    """OpenAI's stream: `opening`, each output's chunks, a usage chunk if asked for, then [DONE]."""
-    def events(out: RequestOutput) -> Iterator[dict]:
-        yield from chunks(out)
-        if out.finished and with_usage:
-            yield chunk_type(**header, choices=[], usage=usage(len(engine_request.prompt_ids), out)).model_dump()
+def stream(state: ServerState, group: RequestGroup, header: dict,
+           chunk_type: type[CompletionResponse | ChatCompletionChunk], chunkers: list[EventBuilder],
+           with_usage: bool, opening: list[dict], prompt_tokens: int) -> Response:
+    """OpenAI's stream: `opening`, each output's chunks (chunkers[i] builds choice i's, and the choice
+    index is set here), a usage chunk once every choice has finished if asked for, then [DONE]."""
+    completion_tokens: dict[int, int] = {}
+    cached: dict[int, int] = {}
 
-    return stream_response(state, engine_request, "openai", events, opening)
+    def events(out: RequestOutput) -> Iterator[dict]:
+        index = group.index_of[out.request_id]
+        for data in chunkers[index](out):
+            for choice in data["choices"]:
+                choice["index"] = index
+            yield data
+        if out.finished:
+            completion_tokens[index], cached[index] = len(out.token_ids), out.num_cached_tokens
+            if with_usage and len(completion_tokens) == len(chunkers):
+                done = sum(completion_tokens.values())
+                yield chunk_type(**header, choices=[], usage=Usage(
+                    prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done,
+                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached[0]))).model_dump()
+
+    return stream_response(state, group, "openai", events, opening)
 
 
 def include_usage(body: SamplingFields) -> bool:
@@ -161,40 +168,69 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    """OpenAI text completion; `stream: true` answers `data:` chunks ending in `data: [DONE]`."""
+    """OpenAI text completion; `stream: true` answers `data:` chunks ending in `data: [DONE]`. Choice
+    i * n + j is prompt i's output j."""
     state = get_state(request)
     prepared = await prepare_completion(state, body)
-    prompt_ids = prepared.prompt_ids
     engine = state.require_engine()
-    engine_request = await admit(state, prompt_ids, prepared.params, f"cmpl-{uuid.uuid4().hex}")
-    echo = engine.tokenizer.decode(prompt_ids) if body.echo else ""
-    header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    n, per_prompt = choices_per_prompt(body)
+    members = [(p.prompt_ids, member_params(p.params, j), None if j == 0 else i * per_prompt)
+               for i, p in enumerate(prepared) for j in range(per_prompt)]
+    group = await admit_group(state, f"cmpl-{uuid.uuid4().hex}", members)
+    echoes = [engine.tokenizer.decode(p.prompt_ids) if body.echo else "" for p in prepared]
+    header = {"id": group.request_id, "created": int(time.time()), "model": state.served_model_name}
     with_logprobs = body.logprobs is not None
-    if body.stream:
-        return stream_completion(state, engine_request, header, echo, with_logprobs, include_usage(body),
-                                 body.logprobs or 0, prompt_ids if body.echo else None)
-    result = await engine_request.collect(request)
-    if result is None:
+    prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
+    if body.stream:    # best_of == n here
+        chunkers, opening = [], []
+        for i, p in enumerate(prepared):
+            for j in range(n):
+                chunker, first = completion_chunker(engine.token_bytes, header, echoes[i], with_logprobs,
+                                                    include_usage(body), body.logprobs or 0,
+                                                    p.prompt_ids if body.echo else None)
+                chunkers.append(chunker)
+                for data in first:
+                    data["choices"][0]["index"] = i * n + j
+                    opening.append(data)
+        return stream(state, group, header, CompletionResponse, chunkers, include_usage(body), opening,
+                      prompt_tokens)
+    results = await group.collect(request)
+    if results is None:
         return Response(status_code=499)
-    out, tokens = result
-    logprobs = None
-    if with_logprobs:
-        logprobs = completion_logprobs(tokens, len(echo), engine.token_bytes, body.logprobs or 0)
-        if body.echo:
-            logprobs = join_logprobs(prompt_logprobs(prompt_ids, out.prompt_logprobs, engine.token_bytes,
-                                                     body.logprobs or 0), logprobs)
-    choice = CompletionChoice(text=echo + out.text, finish_reason=finish_reason(out), logprobs=logprobs)
-    response = CompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
+    choices = []
+    for i, p in enumerate(prepared):
+        mine = results[i * per_prompt:(i + 1) * per_prompt]
+        first = mine[0][0]
+        if per_prompt > n:     # best_of: the n with the highest total logprob
+            mine = sorted(mine, key=lambda r: -sum(t.logprob for t in r[1]))[:n]
+        for j, (out, tokens) in enumerate(mine):
+            logprobs = None
+            if with_logprobs:
+                logprobs = completion_logprobs(tokens, len(echoes[i]), engine.token_bytes, body.logprobs or 0)
+                if body.echo:
+                    logprobs = join_logprobs(prompt_logprobs(p.prompt_ids, first.prompt_logprobs, engine.token_bytes,
+                                                             body.logprobs or 0), logprobs)
+            choices.append(CompletionChoice(index=i * n + j, text=echoes[i] + out.text,
+                                            finish_reason=finish_reason(out), logprobs=logprobs))
+    response = CompletionResponse(**header, choices=choices, usage=group_usage(prompt_tokens, results, per_prompt))
     return JSONResponse(response.model_dump())
 
 
-def stream_completion(state: ServerState, engine_request: EngineRequest, header: dict, echo: str,
-                      with_logprobs: bool, with_usage: bool, top: int = 0,
-                      prompt_ids: list[int] | None = None) -> Response:
-    """With echo, the prompt's text opens the stream; with echo and logprobs it comes with the first
-    token's chunk instead, which carries the prompt's logprobs (they are known once it is prefilled)."""
+def group_usage(prompt_tokens: int, results: list[tuple[RequestOutput, list[TokenInfo]]], per_prompt: int) -> Usage:
+    """Every generated token counts (best_of's dropped outputs too); each prompt once."""
+    done = sum(len(out.token_ids) for out, _ in results)
+    cached = sum(results[i][0].num_cached_tokens for i in range(0, len(results), per_prompt))
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def completion_chunker(token_bytes: Callable[[int], bytes], header: dict, echo: str, with_logprobs: bool,
+                       with_usage: bool, top: int = 0,
+                       prompt_ids: list[int] | None = None) -> tuple[EventBuilder, list[dict]]:
+    """One choice's chunk builder, and the chunks that open its stream. With echo, the prompt's text
+    opens it; with echo and logprobs it comes with the first token's chunk instead, which carries the
+    prompt's logprobs (they are known once it is prefilled)."""
     text_offset = len(echo)
-    token_bytes = state.require_engine().token_bytes
     echo_pending = prompt_ids is not None and with_logprobs
 
     # the common chunk (text only) is the pydantic model's own dump with the text swapped in: one
@@ -221,8 +257,7 @@ def stream_completion(state: ServerState, engine_request: EngineRequest, header:
         return [dump_chunk(CompletionResponse(**header, choices=[choice]), with_usage)]
 
     echo_chunk = CompletionResponse(**header, choices=[CompletionChoice(text=echo)])
-    opening = [dump_chunk(echo_chunk, with_usage)] if echo and not echo_pending else []
-    return stream(state, engine_request, header, CompletionResponse, chunks, with_usage, opening)
+    return chunks, ([dump_chunk(echo_chunk, with_usage)] if echo and not echo_pending else [])
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -231,21 +266,26 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     prepared = await prepare_chat(state, body)
     prompt_ids = prepared.prompt_ids
-    engine_request = await admit(state, prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}")
-    header = {"id": engine_request.request_id, "created": int(time.time()), "model": state.served_model_name}
+    n = body.n or 1
+    group = await admit_group(state, f"chatcmpl-{uuid.uuid4().hex}",
+                              [(prompt_ids, member_params(prepared.params, j), None if j == 0 else 0)
+                               for j in range(n)])
+    header = {"id": group.request_id, "created": int(time.time()), "model": state.served_model_name}
     tools = prepared.tools
     if body.stream:
-        return stream_chat(state, engine_request, header, body.logprobs, include_usage(body), tools)
-    result = await engine_request.collect(request)
-    if result is None:
+        return stream_chat(state, group, header, body.logprobs, include_usage(body), tools, len(prompt_ids))
+    results = await group.collect(request)
+    if results is None:
         return Response(status_code=499)
-    out, tokens = result
-    content, calls = tools.parse(out.text)
-    message = ChatResponseMessage(content=content, tool_calls=[
-        ToolCallOut(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
-    choice = ChatChoice(message=message, finish_reason=chat_finish_reason(out, bool(calls)),
-                        logprobs=chat_logprobs(tokens, state.require_engine().token_bytes) if body.logprobs else None)
-    response = ChatCompletionResponse(**header, choices=[choice], usage=usage(len(prompt_ids), out))
+    choices = []
+    for index, (out, tokens) in enumerate(results):
+        content, calls = tools.parse(out.text)
+        message = ChatResponseMessage(content=content, tool_calls=[
+            ToolCallOut(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
+        logprobs = chat_logprobs(tokens, state.require_engine().token_bytes) if body.logprobs else None
+        choices.append(ChatChoice(index=index, message=message, finish_reason=chat_finish_reason(out, bool(calls)),
+                                  logprobs=logprobs))
+    response = ChatCompletionResponse(**header, choices=choices, usage=group_usage(len(prompt_ids), results, n))
     return JSONResponse(response.model_dump())
 
 
@@ -255,8 +295,20 @@ def chat_finish_reason(out: RequestOutput, has_calls: bool) -> str | None:
     return "tool_calls" if has_calls and reason == "stop" else reason
 
 
-def stream_chat(state: ServerState, engine_request: EngineRequest, header: dict, with_logprobs: bool,
-                with_usage: bool, tools: ToolPlan) -> Response:
+def stream_chat(state: ServerState, group: RequestGroup, header: dict, with_logprobs: bool, with_usage: bool,
+                tools: ToolPlan, prompt_tokens: int) -> Response:
+    def chunk(choice: ChatChunkChoice) -> dict:
+        return dump_chunk(ChatCompletionChunk(**header, choices=[choice]), with_usage)
+
+    opening = [chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+               for i in range(len(group.members))]
+    chunkers = [chat_chunker(state, header, with_logprobs, with_usage, tools) for _ in group.members]
+    return stream(state, group, header, ChatCompletionChunk, chunkers, with_usage, opening, prompt_tokens)
+
+
+def chat_chunker(state: ServerState, header: dict, with_logprobs: bool, with_usage: bool,
+                 tools: ToolPlan) -> EventBuilder:
+    """One choice's chunk builder: content deltas and tool-call deltas (its own reply parser)."""
     token_bytes = state.require_engine().token_bytes
     reply = tools.stream()
 
@@ -288,5 +340,4 @@ def stream_chat(state: ServerState, engine_request: EngineRequest, header: dict,
                                                 finish_reason=chat_finish_reason(out, reply.has_calls))))
         return result
 
-    opening = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
-    return stream(state, engine_request, header, ChatCompletionChunk, chunks, with_usage, opening)
+    return chunks

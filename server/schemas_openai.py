@@ -11,6 +11,9 @@ OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 MAX_STOP_SEQUENCES = 64       # OpenAI documents 4; vLLM has no cap; SamplingParams' own bound
 MAX_LOGIT_BIAS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_N = 16                    # outputs per prompt (n, best_of)
+MAX_PROMPTS = 64              # prompts in one completions request
+MAX_SEQUENCES = 64            # prompts x best_of in one request
 
 
 class StreamOptions(NullAsDefault):
@@ -29,7 +32,7 @@ class SamplingFields(ClientBody):
     model: str | None = Field(None, description="a served model name (GET /v1/models); optional")
     temperature: float | None = Field(None, ge=0, le=2, description="default 1.0; 0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(1, ge=1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, le=MAX_N, description=f"outputs per prompt (1-{MAX_N}); the prompt is prefilled once")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: str | list[str] | None = Field(None, description=(
@@ -62,13 +65,15 @@ class SamplingFields(ClientBody):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="a string or a token id list (a list holding one of these is accepted too)")
+        description=f"a string, a token id list, or a list of up to {MAX_PROMPTS} of either (choice i*n+j is prompt "
+                    "i's output j)")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="each chosen token's logprob, and this many of "
                                  "the most likely tokens at each position (0-20)")
     suffix: str | None = Field(None, description="not supported: only null")
-    best_of: int | None = Field(None, description="not supported: only null or 1")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description=f"generate this many (n-{MAX_N}), answer the n "
+                                "with the highest total logprob; not when streaming unless equal to n")
 
 
 class TextPart(BaseModel):

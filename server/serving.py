@@ -100,11 +100,13 @@ def output_error(out: RequestOutput, draining: bool) -> APIError | None:
 class EngineRequest:
     """One request submitted to the engine; iterate `outputs()` or `collect()` it, `close()` always."""
 
-    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                 parent_request_id: str | None = None):
         self.state = state
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id = request_id
+        self.parent_request_id = parent_request_id   # shares this earlier request's prompt blocks (n > 1)
         self.finished = False
         self.closed = False
         self._engine_outputs: AsyncIterator[RequestOutput] | None = None
@@ -116,7 +118,8 @@ class EngineRequest:
         try:
             engine.validate(self.prompt_ids, self.params)
             self._engine_outputs = engine.generate(self.prompt_ids, self.params, request_id=self.request_id,
-                                                   quiet_after=self.state.keepalive_interval)
+                                                   quiet_after=self.state.keepalive_interval,
+                                                   parent_request_id=self.parent_request_id)
             self._first_output = asyncio.ensure_future(anext(self._engine_outputs))
             for _ in range(4):  # let the generator run up to its first wait: admitted or rejected
                 await asyncio.sleep(0)
@@ -158,32 +161,8 @@ class EngineRequest:
     async def collect(self, http_request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
         """Run to the end: the final output and every token; None if the client disconnected first
         (the request is then aborted). Raises the APIError of a failed or aborted request."""
-        tokens: list[TokenInfo] = []
-        final: list[RequestOutput] = []
-
-        async def consume() -> None:
-            async for out in self.outputs():
-                if out is not None:
-                    tokens.extend(out.new_tokens)
-                    final[:] = [out]
-
-        task = asyncio.ensure_future(consume())
-        watcher = asyncio.ensure_future(wait_disconnected(http_request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if task.cancelled():
-            return None
-        task.result()
-        error = output_error(final[0], self.state.draining)
-        if error is not None:
-            raise error
-        return final[0], tokens
+        results = await collect_outputs(self.state, self.outputs(), http_request)
+        return None if results is None else results[self.request_id]
 
     def _record_finish(self, out: RequestOutput) -> None:
         if out.error:
@@ -205,6 +184,119 @@ class EngineRequest:
             self.state.record_failure("aborted", self.request_id)
         with contextlib.suppress(Exception):
             self.state.engine.abort(self.request_id)
+
+
+async def collect_outputs(state: ServerState, outputs: AsyncIterator[RequestOutput | None],
+                          http_request: Request) -> dict[str, tuple[RequestOutput, list[TokenInfo]]] | None:
+    """Run outputs to their end: per request id its final output and every token; None if the client
+    disconnected first (the requests are then aborted). Raises the APIError of a failed or aborted one."""
+    results: dict[str, tuple[RequestOutput, list[TokenInfo]]] = {}
+
+    async def consume() -> None:
+        async for out in outputs:
+            if out is not None:
+                tokens = results[out.request_id][1] if out.request_id in results else []
+                tokens.extend(out.new_tokens)
+                results[out.request_id] = (out, tokens)
+
+    task = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(wait_disconnected(http_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        return None
+    task.result()
+    for final, _ in results.values():
+        error = output_error(final, state.draining)
+        if error is not None:
+            raise error
+    return results
+
+
+class RequestGroup:
+    """Several engine requests answered as one response: a request's n outputs (each one after the
+    first shares the first's prompt blocks), for each of completions' prompts. The interface of
+    EngineRequest: outputs() interleaves the members' outputs (tell them apart by request_id)."""
+
+    def __init__(self, state: ServerState, request_id: str, members: list[EngineRequest]):
+        self.state = state
+        self.request_id = request_id
+        self.members = members
+        self.index_of = {m.request_id: i for i, m in enumerate(members)}
+
+    async def start(self) -> None:
+        """Admit every member, or none: a refusal closes those already admitted."""
+        try:
+            for member in self.members:
+                await member.start()
+        except BaseException:
+            self.close(record=False)
+            raise
+
+    async def outputs(self) -> AsyncIterator[RequestOutput | None]:
+        if len(self.members) == 1:
+            async for out in self.members[0].outputs():
+                yield out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(member: EngineRequest) -> None:
+            try:
+                async for out in member.outputs():
+                    if out is not None:
+                        queue.put_nowait(out)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, who raises it
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(done)
+
+        pumps = [asyncio.ensure_future(pump(member)) for member in self.members]
+        remaining = len(pumps)
+        try:
+            while remaining:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self.state.keepalive_interval)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            self.close()
+
+    async def collect(self, http_request: Request) -> list[tuple[RequestOutput, list[TokenInfo]]] | None:
+        """Each member's final output and tokens, in member order (see collect_outputs)."""
+        results = await collect_outputs(self.state, self.outputs(), http_request)
+        return None if results is None else [results[m.request_id] for m in self.members]
+
+    def close(self, record: bool = True) -> None:
+        for member in self.members:
+            member.close(record)
+
+
+async def admit_group(state: ServerState, request_id: str,
+                      members: list[tuple[list[int], SamplingParams, str | None]]) -> RequestGroup:
+    """Submit (prompt ids, params, index of the member whose prompt blocks it shares) members as one
+    response; the member ids are request_id itself for one member, else request_id-<index>."""
+    ids = [request_id] if len(members) == 1 else [f"{request_id}-{i}" for i in range(len(members))]
+    group = RequestGroup(state, request_id, [
+        EngineRequest(state, prompt_ids, params, ids[i], None if parent is None else ids[parent])
+        for i, (prompt_ids, params, parent) in enumerate(members)])
+    await group.start()
+    return group
 
 
 async def admit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:

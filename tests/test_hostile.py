@@ -251,7 +251,7 @@ def openai_cases() -> list[Case]:
     param("min_p", [0, 1, 0.5], [-0.1, 1.1, *numbers_bad])
     param("repetition_penalty", [1e-50, 2.0, 1e300], [0, -1, *numbers_bad])
     param("min_tokens", [0, 2], [-1, -U64, U64, 3, 1.5, "x"])
-    param("n", [1], [2, 0, -1, U64, "x"])
+    param("n", [1, 2, 16], [17, 0, -1, U64, "x"])
     param("max_tokens", [1], [0, -1, U64, -U64, 10**100, 1.5, "x", NAN, INF])
     param("max_completion_tokens", [1], [0, -1, U64, -U64, "x"], apis=("chat",))
     param("model", [MODEL], ["\ud800", "no-such-model", 5, ["demo"]])
@@ -267,11 +267,11 @@ def openai_cases() -> list[Case]:
     # completions only
     param("echo", [True], ["x"], apis=("cmpl",))
     param("suffix", [], ["x", "\ud800"], apis=("cmpl",))
-    param("best_of", [1], [2, 0, U64], apis=("cmpl",))
+    param("best_of", [1], [0, 17, U64], any_=[2, 16], apis=("cmpl",))
     param("logprobs", [0, 20], [21, -1, U64, "x"], apis=("cmpl",))
-    param("prompt", [[1, 2, 3], [319], ["hello"], [[1, 2]], "\u00e9\U0001f600\x00"],
+    param("prompt", [[1, 2, 3], [319], ["hello"], [[1, 2]], "\u00e9\U0001f600\x00", ["a", "b"], [[1], [2]]],
           ["\ud800", "a\udfffb", ["\ud800"], "", [], [-1], [-U64], [U64], [320], [10**6], [1.5], [None],
-           ["a", "b"], [[1], [2]], {}, None, 5, True, "x" * (3 * 2**20)], apis=("cmpl",))
+           {}, None, 5, True, "x" * (3 * 2**20)], apis=("cmpl",))
     # chat only
     param("logprobs", [True], ["x", 5], apis=("chat",))
     param("top_logprobs", [0], [21, -1, U64], apis=("chat",))
@@ -466,9 +466,12 @@ def check_ok(case: Case, mode: str, raw: bytes, content_type: str) -> None:
             assert events[-1]["generated_text"].endswith("".join(e["token"]["text"] for e in events)), events
         else:
             assert events[-1] == "[DONE]", events[-2:]
-            finish = [c["choices"][0]["finish_reason"] for c in events[:-1] if c["choices"]
-                      and c["choices"][0]["finish_reason"]]
-            assert len(finish) == 1 and finish[0] in ("stop", "length"), events
+            finish = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in events[:-1]
+                      if c["choices"] and c["choices"][0]["finish_reason"]]
+            indices = {c["choices"][0]["index"] for c in events[:-1] if c["choices"]}
+            # one finish per choice (n > 1 and lists of prompts answer several)
+            assert sorted(i for i, _ in finish) == sorted(indices), events
+            assert all(reason in ("stop", "length") for _, reason in finish), events
         return
     body = json.loads(raw)
     if case.api == "tgi":

@@ -86,3 +86,111 @@ def test_a_fork_survives_preemption(demo_model_dir):
     assert small.scheduler.num_preemptions > 0
     alone, _, _ = run_group(small, prompt, greedy[:1], "pre-alone")
     assert all(o == alone[0] for o in outs.values())
+
+
+# over HTTP: n, best_of, lists of prompts
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir, tmp_path_factory):
+    from test_server_api import running_server
+    with running_server(demo_model_dir, tmp_path_factory.mktemp("n") / "server.log", "--num-kv-blocks", "256") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="none")
+
+
+def streamed_texts(client, **kwargs) -> tuple[dict[int, str], dict[int, str], list]:
+    """Texts and finish reasons by choice index of a streamed completion, and its chunks."""
+    from test_server_api import MODEL
+    chunks = list(client.completions.create(model=MODEL, stream=True, **kwargs))
+    texts, finish = {}, {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                assert choice.index not in finish
+                finish[choice.index] = choice.finish_reason
+    return texts, finish, chunks
+
+
+def test_completions_n_seeded_is_reproducible_and_streams_the_same(client):
+    from test_server_api import MODEL
+    kwargs = dict(prompt="Once upon a time", n=3, max_tokens=12, temperature=1.0, seed=42)
+    first = client.completions.create(model=MODEL, **kwargs)
+    again = client.completions.create(model=MODEL, **kwargs)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1
+    single = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=1)
+    assert first.usage.completion_tokens == 36 and first.usage.prompt_tokens == single.usage.prompt_tokens
+    streamed, finish, chunks = streamed_texts(client, stream_options={"include_usage": True}, **kwargs)
+    assert [streamed[i] for i in range(3)] == texts and set(finish) == {0, 1, 2}
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and usage[0].completion_tokens == 36 and not chunks[-1].choices
+
+
+def test_chat_n_greedy_choices_equal_one_request(client):
+    from test_server_api import MODEL
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    one = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    many = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, n=4)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert all(c.message.content == one.choices[0].message.content for c in many.choices)
+    assert many.usage.completion_tokens == 4 * one.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 n=2, stream=True))
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+
+
+def test_best_of_answers_the_likeliest(client):
+    from test_server_api import MODEL
+    kwargs = dict(prompt="The weather", max_tokens=8, temperature=1.0, seed=7, logprobs=0)
+    all3 = client.completions.create(model=MODEL, n=3, **kwargs)
+    best = max(all3.choices, key=lambda c: sum(c.logprobs.token_logprobs))
+    picked = client.completions.create(model=MODEL, best_of=3, **kwargs)
+    assert len(picked.choices) == 1 and picked.choices[0].text == best.text and picked.choices[0].index == 0
+    assert picked.usage.completion_tokens == 24        # every generated token counts
+    two = client.completions.create(model=MODEL, best_of=3, n=2, **kwargs)
+    ranked = sorted(all3.choices, key=lambda c: -sum(c.logprobs.token_logprobs))[:2]
+    assert [c.text for c in two.choices] == [c.text for c in ranked] and [c.index for c in two.choices] == [0, 1]
+
+
+def test_list_of_prompts(client):
+    from test_server_api import MODEL
+    prompts = ["alpha", "a longer second prompt", "3"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in prompts]
+    many = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in many.choices] == list(range(6))
+    assert [c.text for c in many.choices] == [t for t in alone for _ in range(2)]
+    streamed, finish, _ = streamed_texts(client, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [streamed[i] for i in range(6)] == [c.text for c in many.choices] and len(finish) == 6
+    echoed = client.completions.create(model=MODEL, prompt=prompts[:2], max_tokens=2, temperature=0, echo=True)
+    assert [c.text[:len(p)] for c, p in zip(echoed.choices, prompts[:2])] == prompts[:2]
+    ids = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=3, temperature=0)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"prompt": "x", "n": 2, "best_of": 1}, "best_of", "at least n"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, "best_of", "streaming"),
+    ({"prompt": ["x"] * 65}, "prompt", "at most 64"),
+    ({"prompt": ["x"] * 8, "n": 16}, "n", "at most 64"),
+    ({"prompt": ["ok", ""]}, "prompt[1]", "empty"),
+    ({"prompt": [[1, 2], [10**6]]}, "prompt[1]", "vocabulary"),
+    ({"prompt": "x", "n": 17}, "n", ""),
+])
+def test_bad_n_and_prompts_are_400s(server, body, param, words):
+    import httpx
+    from test_server_api import MODEL
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "max_tokens": 2, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.json()

@@ -76,7 +76,7 @@ OPENAI_OUT_OF_RANGE = [
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"5": -100.5}}, "logit_bias"),
     ({"logit_bias": {"five": 1}}, "logit_bias"), ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
-    ({"seed": 2**63}, "seed"), ({"seed": -2**63 - 1}, "seed"), ({"n": 2}, "n"), ({"n": 0}, "n"),
+    ({"seed": 2**63}, "seed"), ({"seed": -2**63 - 1}, "seed"), ({"n": 17}, "n"), ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"), ({"stop": ["s"] * 65}, "stop"), ({"stop": ""}, "stop"),
     ({"stop": "x" * 1025}, "stop"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),

@@ -50,8 +50,8 @@ You may call functions. Write each call as <tool_call>{"name": ..., "arguments":
 SCRIPTED_REPLIES = """
 import kvserve.engine, kvserve.isolation
 _add, _sample, _scripts = kvserve.engine.EngineCore.add_request, kvserve.isolation.sample, {}
-def add_request(self, prompt_ids, params, request_id=None, arrival_time=None):
-    request_id = _add(self, prompt_ids, params, request_id, arrival_time)
+def add_request(self, prompt_ids, params, request_id=None, arrival_time=None, parent_request_id=None):
+    request_id = _add(self, prompt_ids, params, request_id, arrival_time, parent_request_id)
     text = self.tokenizer.decode(prompt_ids)
     if "REPLY[[" in text:
         reply = text.rsplit("REPLY[[", 1)[1].split("]]", 1)[0]
