@@ -22,6 +22,7 @@ from kvserve.server.schemas_openai import (DetokenizeRequest, DetokenizeResponse
                                            TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse)
 from kvserve.server.schemas_tgi import GenerateRequest, SimpleToken, TGIErrorResponse
 from kvserve.server.serving import ServerState, get_state
+from kvserve.server.tools import check_tools
 from kvserve.server.validation import reject_unknown, reject_unsupported
 
 
@@ -120,8 +121,7 @@ async def tgi_tokens(state: ServerState, body: GenerateRequest) -> list[dict]:
 
 
 def check_tokenize_chat(body: TokenizeChatRequest) -> None:
-    reject_unsupported([("tools", body.tools, bool(body.tools)),
-                        ("mm_processor_kwargs", body.mm_processor_kwargs, bool(body.mm_processor_kwargs))])
+    reject_unsupported([("mm_processor_kwargs", body.mm_processor_kwargs, bool(body.mm_processor_kwargs))])
     if body.continue_final_message and body.add_generation_prompt:
         raise APIError("validation", "continue_final_message and add_generation_prompt cannot both be true; set "
                        "add_generation_prompt to false to continue the last message",
@@ -135,7 +135,8 @@ async def vllm_tokens(state: ServerState, body: TokenizeCompletionRequest | Toke
     engine = state.require_engine()
     if isinstance(body, TokenizeChatRequest):
         check_tokenize_chat(body)
-        ids = await chat_prompt(state, body, body.continue_final_message, body.add_special_tokens)
+        ids = await chat_prompt(state, body, body.continue_final_message, body.add_special_tokens,
+                                tools=check_tools(body.tools))   # rendered as chat completions renders them
         check_count(len(ids), engine.max_model_len, "messages")
     else:
         ids = await tokenize(state, body.prompt, "prompt", add_special_tokens=body.add_special_tokens)

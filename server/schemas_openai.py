@@ -147,7 +147,7 @@ class TokenizeChatRequest(ClientBody):
                                       "--trust-request-chat-template")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
         "extra variables for the chat template: plain JSON values, bounded in size"))
-    tools: list[Any] | None = Field(None, description="not supported: only null or []")
+    tools: list[Any] | None = Field(None, description="function tools, rendered through the chat template")
     mm_processor_kwargs: dict[str, Any] | None = Field(None, description="not supported: only null")
 
 

@@ -225,10 +225,11 @@ def test_history_with_calls_and_results_is_rendered(server, client):
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"}]
-    r = httpx.post(f"{server.base}/tokenize", json={"model": MODEL, "messages": history}, timeout=60)
+    r = httpx.post(f"{server.base}/tokenize", json={"model": MODEL, "messages": history, "tools": TOOLS}, timeout=60)
     assert r.status_code == 200, r.text
     text = httpx.post(f"{server.base}/detokenize", json={"model": MODEL, "tokens": r.json()["tokens"]},
                       timeout=60).json()["prompt"]
+    assert '"name": "get_time"' in text.split("</tools>")[0]      # the tools, in the system part
     assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in text
     assert "<tool_response>\n21 degrees and sunny\n</tool_response>" in text
     reply = client.chat.completions.create(model=MODEL, messages=history + [
