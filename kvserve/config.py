@@ -43,6 +43,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None     # decode via CUDA graphs; None: on with CUDA + triton
     cuda_graph_max_batch: int = 256     # largest captured decode batch (bigger ones run eagerly)
     seed: int = 0
+    logprobs_mode: str = "raw"          # raw: log-softmax of the model's logits; processed: of what was sampled from
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,5 +61,7 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError("cuda_graph_max_batch must be >= 1")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -109,7 +109,7 @@ class EngineCore:
         self.runner = ModelRunner(model, self.kv_pool, backend)
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
-        self.sampler = Sampler(device, self.grammars)
+        self.sampler = Sampler(device, self.grammars, processed_logprobs=cfg.logprobs_mode == "processed")
         self.max_model_len = self._max_model_len()
         if cfg.cuda_graphs or capture:
             self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),

@@ -17,9 +17,10 @@ class Sampler:
     draws do not depend on what else shares the batch.
     """
 
-    def __init__(self, device: torch.device, grammars=None):
+    def __init__(self, device: torch.device, grammars=None, processed_logprobs: bool = False):
         self.device = device
         self.grammars = grammars    # kvserve.structured.GrammarCompiler: the masks of constrained rows
+        self.processed_logprobs = processed_logprobs
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], list]:
         banned = [banned_tokens(s) for s in seqs]
@@ -30,7 +31,8 @@ class Sampler:
             allowed = unpack_bitmask(mask, logits.shape[1], logits.device)
             banned = [[] if s.matcher is not None else b for s, b in zip(seqs, banned)]   # folded into the mask
         return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                      [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs], banned, allowed)
+                      [s.num_prompt_tokens for s in seqs], [self._generator(s) for s in seqs], banned, allowed,
+                      self.processed_logprobs)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:
@@ -51,12 +53,15 @@ def banned_tokens(seq: Sequence) -> list[int]:
 def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
            num_prompt: list[int], generators: list[torch.Generator | None],
            banned: list[list[int]] | None = None,
-           allowed: torch.Tensor | None = None) -> tuple[list[int], list[float], list]:
+           allowed: torch.Tensor | None = None, processed: bool = False) -> tuple[list[int], list[float], list]:
     """logits [S, V]. Returns chosen token ids, their log-probabilities under the model's
     unprocessed distribution, and per row its params.top_logprobs most likely (token id, logprob)
     pairs under that distribution, most likely first (None for a row that asked for none).
     banned[i]: token ids row i may not produce (EOS and stop tokens while min_tokens is not reached).
-    allowed: [S, V] bool, the tokens each row's grammar allows (applied after every other change)."""
+    allowed: [S, V] bool, the tokens each row's grammar allows (applied after every other change).
+    processed: the logprobs are instead those of the distribution each token was drawn from: after
+    penalties, logit_bias, bans and the grammar, then temperature, top-k, top-p and min-p for a
+    sampled row (a greedy row's is the log-softmax of its adjusted logits)."""
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
     banned = banned or [[] for _ in params]
@@ -77,6 +82,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
             ids = [t for t in banned[i] if t < logits.shape[1]]
             if ids:
                 logits[i, upload(ids, logits.device)] = float("-inf")
+        if processed:
+            logprobs_all = torch.log_softmax(logits, dim=-1)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             rows = upload(greedy, logits.device)
@@ -86,6 +93,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
             rows = upload(sampled, logits.device)
             probs = _warp(logits[rows], [params[i] for i in sampled])
             chosen[rows] = _draw(probs, [generators[i] for i in sampled])
+            if processed:
+                logprobs_all[rows] = probs.log()
     # the step's one device -> host read: ids, logprobs and top logprobs together (float64 holds any token id)
     n = len(params)
     parts = [chosen.to(torch.float64), logprobs_all.gather(1, chosen[:, None])[:, 0].double()]

@@ -102,6 +102,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-model-len", "maximum prompt + output length", type=int, metavar="N",
              unset="the model's (lowered to what the KV pool holds)")
     add_switch(p, "--no-prefix-caching", "disable automatic prefix caching")
+    add_flag(p, "--logprobs-mode", "what logprobs report: raw, the log-softmax of the model's logits; processed, "
+             "of the distribution each token was drawn from (after penalties, logit_bias, a grammar, temperature, "
+             "top-k/p, min-p)", default="raw", choices=["raw", "processed"])
     add_flag(p, "--attention-backend", "paged attention: auto is the Triton kernels on CUDA, PyTorch on CPU",
              default="auto", choices=["auto", "torch", "triton"])
     add_switch(p, "--enforce-eager", "run decode steps eagerly, without the CUDA graphs captured at start-up")
@@ -185,7 +188,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-        cuda_graphs=False if args.enforce_eager else None)
+        cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode)
 
 
 def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:

@@ -2,6 +2,8 @@
 LLM.chat through the chat template."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -141,3 +143,28 @@ def test_prompt_logprobs_equal_transformers(demo_model_dir, budget, blocks, seqs
     assert max(steps) <= llm.engine.scheduler.prompt_logit_budget and sum(steps) >= len(ids) - 1
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_processed_logprobs_are_those_of_the_distribution_sampled_from(demo_model_dir):
+    """logprobs_mode="processed": temperature and logit_bias are in the reported values; top-k leaves
+    the other tokens at -inf; the default stays the model's raw distribution."""
+    llm = LLM(demo_model_dir, num_kv_blocks=32, logprobs_mode="processed")
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    bias = {65: 5.0}
+    cases = [SamplingParams(max_tokens=6, temperature=0.5, seed=3, ignore_eos=True, top_logprobs=3),
+             SamplingParams(max_tokens=6, temperature=0, logit_bias=bias, ignore_eos=True)]
+    for params, out in zip(cases, llm.generate(["The quick brown fox", "abc"], cases)):
+        with torch.no_grad():
+            logits = model(torch.tensor([out.prompt_token_ids + out.token_ids])).logits[0].float()
+        n = len(out.prompt_token_ids)
+        rows = logits[n - 1:n - 1 + len(out.token_ids)]
+        if params.logit_bias:
+            rows[:, 65] += 5.0
+        expected = torch.log_softmax(rows / params.temperature if params.temperature else rows, -1)
+        got = [t.logprob for t in out.new_tokens]
+        assert got == pytest.approx([expected[i, t].item() for i, t in enumerate(out.token_ids)], abs=1e-3)
+    top_k = llm.generate(["xyz"], SamplingParams(max_tokens=3, temperature=1.0, top_k=2, seed=1, top_logprobs=4))[0]
+    for token in top_k.new_tokens:
+        values = [lp for _, lp in token.top]
+        assert values[2] == values[3] == float("-inf")     # outside the top 2: impossible as drawn
+        assert sum(math.exp(v) for v in values[:2]) == pytest.approx(1.0, abs=1e-4)
