@@ -167,40 +167,43 @@ class EngineCore:
         seq = Sequence(request_id, prompt_ids, params, self.eos_token_ids, arrival_time)
         self.requests[request_id] = seq
         parent = self.requests.get(parent_request_id) if parent_request_id is not None else None
-        if (parent is not None and parent is not seq and not parent.is_finished and len(prompt_ids) > 1
-                and parent.prompt_token_ids == seq.prompt_token_ids and params.prompt_logprobs is None):
-            self.forks.setdefault(parent.request_id, []).append(seq)
-        else:
-            self._queue(seq)
+        try:
+            if (parent is not None and parent is not seq and not parent.is_finished and len(prompt_ids) > 1
+                    and parent.prompt_token_ids == seq.prompt_token_ids and params.prompt_logprobs is None):
+                self.forks.setdefault(parent.request_id, []).append(seq)
+            else:
+                self._queue(seq)
+        except BaseException:
+            del self.requests[request_id]
+            raise
         return request_id
 
-    def _queue(self, seq: Sequence) -> None:
-        if seq.params.structured is None:
+    def _queue(self, seq: Sequence, fork_parent: Sequence | None = None) -> None:
+        """To the scheduler, once its grammar (if any) is compiled: off this thread, unless cached (a
+        compile's failure is reported by the next step). With fork_parent, to share its prompt."""
+        future = self.grammars.matcher(seq.params.structured) if seq.params.structured is not None else None
+        if future is not None and not (future.done() and future.exception() is None):
+            self.compiling[seq] = future
+            return
+        if future is not None:
+            seq.matcher = future.result()
+        if fork_parent is not None:
+            self.scheduler.add_forked(seq, fork_parent)
+        else:
             self.scheduler.add(seq)
-        else:   # scheduled once its grammar is compiled (off this thread, unless cached)
-            self.compiling[seq] = self.grammars.matcher(seq.params.structured)
-            self._admit_compiled()
 
     def _fork_ready(self) -> None:
-        """Start the sequences waiting for a parent whose prompt (all but its last token) is computed:
-        they share its blocks; a parent gone first leaves them to run alone."""
+        """Queue the sequences waiting for a parent whose prompt (all but its last token) is computed,
+        to share its blocks when admitted; a parent gone first leaves them to run alone."""
         for parent_id, children in list(self.forks.items()):
             parent = self.requests.get(parent_id)
-            if parent is not None and not parent.is_finished:
-                shared = parent.num_prompt_tokens - 1
-                if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared:
-                    continue
+            alive = parent is not None and not parent.is_finished
+            if alive and (parent.status is not SequenceStatus.RUNNING
+                          or parent.num_computed_tokens < parent.num_prompt_tokens - 1):
+                continue
             del self.forks[parent_id]
             for child in children:
-                matcher = None
-                if child.params.structured is not None:
-                    future = self.grammars.matcher(child.params.structured)   # the parent's: cached
-                    matcher = future.result() if future.done() and future.exception() is None else None
-                if parent is None or parent.is_finished or (child.params.structured is not None and matcher is None):
-                    self._queue(child)
-                    continue
-                child.matcher = matcher
-                self.scheduler.add_forked(child, parent, shared)
+                self._queue(child, parent if alive else None)
 
     def _admit_compiled(self) -> list[CoreOutput]:
         """Schedule the structured requests whose grammar is ready, in arrival order; a grammar that
@@ -484,7 +487,8 @@ class OutputProcessor:
         m.token_times.append(now)
         piece = state.detok.add(token)
         state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids, top))
-        state.text += piece
+        if core_reason != "eos":    # the EOS that ended it is not text, even with skip_special_tokens off
+            state.text += piece
         if core_reason in ("eos", "stop_token", "abort", "error"):
             return False
         hit = state.stops.check(state.text, len(piece))

@@ -134,11 +134,11 @@ class GrammarCompiler:
             matcher = LLMatcher(self._tokenizer(), grammar_text(spec), log_level=0)
             if matcher.is_error():
                 raise GrammarError(_short(matcher.get_error()))
+            self._templates[spec] = matcher      # published before the pending entry goes: no second compile
+            while len(self._templates) > MAX_CACHED_GRAMMARS:
+                self._templates.popitem(last=False)
         finally:
             self._compiling.pop(spec, None)
-        self._templates[spec] = matcher
-        while len(self._templates) > MAX_CACHED_GRAMMARS:
-            self._templates.popitem(last=False)
         return matcher
 
     def fill_bitmask(self, matchers: list, banned: list[list[int]]) -> torch.Tensor | None:

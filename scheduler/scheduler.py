@@ -86,13 +86,26 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_forked(self, seq: Sequence, parent: Sequence, num_tokens: int) -> None:
-        """Queue a sequence that starts from its parent's first num_tokens tokens, sharing their KV
-        blocks (one of a request's n outputs: the prompt is prefilled once). It goes to the front of
-        the queue, to run beside its parent."""
-        self.kv.fork(parent.request_id, seq.request_id, num_tokens)
-        seq.num_computed_tokens = num_tokens
+    def add_forked(self, seq: Sequence, parent: Sequence) -> None:
+        """Queue a sequence with the same prompt as `parent`, whose prompt (all but its last token) is
+        computed: when admitted, it shares those KV blocks instead of computing them (one of a
+        request's n outputs: the prompt is prefilled once). It goes to the front of the queue, to
+        run beside its parent; while it waits it holds no block."""
+        seq.fork_parent = parent
         self.waiting.appendleft(seq)
+
+    def _fork_point(self, seq: Sequence) -> int:
+        """Prompt tokens a waiting sequence can take from its fork parent now (0: none). The parent
+        must be running with those tokens computed: it holds their blocks, so the first write into
+        the shared partial block copies it."""
+        parent, shared = seq.fork_parent, seq.num_prompt_tokens - 1
+        if parent is None or parent.is_finished:
+            seq.fork_parent = None        # it can no longer share: it computes its prompt (prefix hits help)
+            return 0
+        if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared or shared < 1:
+            return 0                      # preempted, recomputing: maybe next time
+        self.kv.fork(parent.request_id, seq.request_id, shared)
+        return shared
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -129,15 +142,18 @@ class Scheduler:
             seq = self.waiting[0]
             # prompt logprobs need every prompt position's logits: no prefix hit for such a request
             logits_wanted = needs_prompt_logits(seq)
-            forked = seq.num_computed_tokens > 0     # shares its prompt's blocks with a sibling (add_forked)
-            hits = [] if logits_wanted or forked else self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
-            num_hit = seq.num_computed_tokens if forked else len(hits) * self.kv.block_size
+            shared = self._fork_point(seq) if seq.fork_parent is not None else 0   # its prompt's blocks, shared
+            hits = [] if logits_wanted or shared else self.kv.find_cached_prefix(seq.request_id, seq.token_ids)
+            num_hit = shared or len(hits) * self.kv.block_size
             n = min(len(seq) - num_hit, budget, logit_budget if logits_wanted else budget)
             if n == 0 or not self.kv.allocate_slots(seq.request_id, num_hit, n, hits):
+                if shared:     # waiting sequences hold no blocks: it forks again when admitted, if it still can
+                    self.kv.free(seq.request_id)
                 break
+            seq.fork_parent = None
             if logits_wanted:
                 logit_budget -= n
-            elif not forked:      # a request that cannot look the cache up is not counted as a miss
+            elif not shared:      # a request that cannot look the cache up is not counted as a miss
                 self.kv.record_prefix_query(len(seq), hits)
             self.waiting.popleft()
             seq.num_computed_tokens = num_hit

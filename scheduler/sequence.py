@@ -23,7 +23,7 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status",
                  "num_computed_tokens", "num_cached_tokens", "finish_reason", "stop_reason",
                  "arrival_time", "first_scheduled_time", "output_logprobs", "eos_token_ids",
-                 "generator", "num_preemptions", "prompt_logprobs", "matcher")
+                 "generator", "num_preemptions", "prompt_logprobs", "matcher", "fork_parent")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None):
@@ -45,6 +45,7 @@ class Sequence:
         # with params.prompt_logprobs: prompt position -> (logprob of its token, top (id, logprob) pairs)
         self.prompt_logprobs: dict[int, tuple[float, list | None]] = {}
         self.matcher = None      # with params.structured: its grammar's state (kvserve.structured)
+        self.fork_parent: Sequence | None = None   # shares this sequence's prompt blocks when admitted
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -262,11 +262,10 @@ def choices_per_prompt(body: SamplingFields) -> tuple[int, int]:
 
 def member_params(params: SamplingParams, j: int) -> SamplingParams:
     """The params of a prompt's output j: output 0's own; a seeded request gives each output its own seed
-    (reproducible, different draws), and only output 0 computes prompt logprobs."""
-    if j == 0:
+    (reproducible, different draws)."""
+    if j == 0 or params.seed is None:
         return params
-    seed = None if params.seed is None else (params.seed + j * 0x9E3779B97F4A7C15) % 2**64
-    return replace(params, seed=seed, prompt_logprobs=None)
+    return replace(params, seed=(params.seed + j * 0x9E3779B97F4A7C15) % 2**64)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

@@ -109,9 +109,10 @@ def chat_logprobs(tokens: list[TokenInfo], token_bytes: Callable[[int], bytes]) 
 
 def stream(state: ServerState, group: RequestGroup, header: dict,
            chunk_type: type[CompletionResponse | ChatCompletionChunk], chunkers: list[EventBuilder],
-           with_usage: bool, opening: list[dict], prompt_tokens: int) -> Response:
+           with_usage: bool, opening: list[dict], prompt_tokens: int, per_prompt: int) -> Response:
     """OpenAI's stream: `opening`, each output's chunks (chunkers[i] builds choice i's, and the choice
-    index is set here), a usage chunk once every choice has finished if asked for, then [DONE]."""
+    index is set here), a usage chunk once every choice has finished if asked for (group_usage's
+    counts), then [DONE]."""
     completion_tokens: dict[int, int] = {}
     cached: dict[int, int] = {}
 
@@ -127,7 +128,8 @@ def stream(state: ServerState, group: RequestGroup, header: dict,
                 done = sum(completion_tokens.values())
                 yield chunk_type(**header, choices=[], usage=Usage(
                     prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done,
-                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached[0]))).model_dump()
+                    prompt_tokens_details=PromptTokensDetails(
+                        cached_tokens=sum(cached[i] for i in range(0, len(chunkers), per_prompt))))).model_dump()
 
     return stream_response(state, group, "openai", events, opening)
 
@@ -193,7 +195,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                     data["choices"][0]["index"] = i * n + j
                     opening.append(data)
         return stream(state, group, header, CompletionResponse, chunkers, include_usage(body), opening,
-                      prompt_tokens)
+                      prompt_tokens, per_prompt)
     results = await group.collect(request)
     if results is None:
         return Response(status_code=499)
@@ -303,7 +305,8 @@ def stream_chat(state: ServerState, group: RequestGroup, header: dict, with_logp
     opening = [chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
                for i in range(len(group.members))]
     chunkers = [chat_chunker(state, header, with_logprobs, with_usage, tools) for _ in group.members]
-    return stream(state, group, header, ChatCompletionChunk, chunkers, with_usage, opening, prompt_tokens)
+    return stream(state, group, header, ChatCompletionChunk, chunkers, with_usage, opening, prompt_tokens,
+                  len(chunkers))
 
 
 def chat_chunker(state: ServerState, header: dict, with_logprobs: bool, with_usage: bool,

@@ -182,11 +182,12 @@ def template_message(message: dict, tool_calls: list | None, tool_call_id: str |
                 raise _refuse("each tool call needs function.name", f"messages.tool_calls[{i}]")
             arguments = function.get("arguments", "{}")
             if isinstance(arguments, str):
+                where = f"messages.tool_calls[{i}].function.arguments"
                 try:
                     arguments = json.loads(arguments or "{}")
-                except json.JSONDecodeError:
-                    raise _refuse(f"tool_calls[{i}].function.arguments is not valid JSON",
-                                  f"messages.tool_calls[{i}].function.arguments") from None
+                except (ValueError, RecursionError):
+                    raise _refuse(f"tool_calls[{i}].function.arguments is not valid JSON", where) from None
+                check_json_value(arguments, where, MAX_TOOLS_CHARS)
             calls.append({"id": call.get("id"), "type": "function",
                           "function": {"name": function["name"], "arguments": arguments}})
         message["tool_calls"] = calls

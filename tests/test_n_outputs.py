@@ -77,6 +77,29 @@ def test_an_aborted_parent_leaves_its_forks_to_run_alone(engine):
     assert tokens == alone[0]
 
 
+def test_a_waiting_fork_holds_no_blocks_and_a_late_one_leaves_the_cache_intact(demo_model_dir):
+    """With one sequence at a time, the fork waits while its parent runs to the end (holding no block
+    meanwhile), then computes its prompt alone (prefix hits); the parent's cached blocks stay exact."""
+    cached = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_kv_blocks=64,
+                                    block_size=8, max_num_seqs=1))
+    prompt = [(17 * i) % 200 + 3 for i in range(21)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    cached.add_request(prompt, greedy, "parent")
+    cached.add_request(prompt, greedy, "child", parent_request_id="parent")
+    outs: dict[str, list[int]] = {}
+    while cached.has_unfinished():
+        for out in cached.step():
+            outs.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
+        if "child" not in cached.kv.block_tables:
+            assert cached.stats().blocks_used == len(cached.kv.block_tables.get("parent", []))
+    assert outs["child"] == outs["parent"]
+    follow = prompt + outs["parent"] + [5, 6, 7]          # a second turn over the parent's reply
+    again, _, _ = run_group(cached, follow, [greedy], "follow")
+    fresh = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_kv_blocks=64,
+                                   block_size=8, enable_prefix_caching=False))
+    assert again == run_group(fresh, follow, [greedy], "fresh")[0]
+
+
 def test_a_fork_survives_preemption(demo_model_dir):
     small = LLMEngine(EngineConfig(model=demo_model_dir, device="cpu", dtype="float32", num_kv_blocks=12,
                                    block_size=8, enable_prefix_caching=False, max_num_seqs=8))
@@ -161,6 +184,17 @@ def test_best_of_answers_the_likeliest(client):
     two = client.completions.create(model=MODEL, best_of=3, n=2, **kwargs)
     ranked = sorted(all3.choices, key=lambda c: -sum(c.logprobs.token_logprobs))[:2]
     assert [c.text for c in two.choices] == [c.text for c in ranked] and [c.index for c in two.choices] == [0, 1]
+
+
+def test_streamed_echo_logprobs_of_every_choice(client):
+    from test_server_api import MODEL
+    kwargs = dict(prompt="Echo me", n=2, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(model=MODEL, **kwargs)
+    chunks = list(client.completions.create(model=MODEL, stream=True, **kwargs))
+    for index in (0, 1):
+        first = next(c.choices[0] for c in chunks if c.choices and c.choices[0].index == index and c.choices[0].logprobs)
+        assert first.logprobs.token_logprobs[0] is None and None not in first.logprobs.token_logprobs[1:]
+        assert first.logprobs.token_logprobs[1:4] == pytest.approx(whole.choices[index].logprobs.token_logprobs[1:4])
 
 
 def test_list_of_prompts(client):

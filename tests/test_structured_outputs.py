@@ -107,6 +107,16 @@ def test_a_grammar_that_does_not_compile_fails_its_request_alone(llm):
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 8
 
 
+def test_a_failed_compile_beside_other_constrained_requests_is_reported(llm):
+    """Every request ends, the one whose grammar does not compile with its error (a second structured
+    request admitted right after it must not swallow that failure)."""
+    bad, good = StructuredOutput("regex", "(a"), StructuredOutput("regex", "[ab]{3}")
+    outs = llm.generate(["x", "y", "z"], [SamplingParams(max_tokens=8, structured=bad),
+                                          SamplingParams(max_tokens=8, structured=good),
+                                          SamplingParams(max_tokens=8, structured=bad)])
+    assert [o.finish_reason for o in outs] == ["error", "grammar", "error"]
+
+
 def test_structured_params_are_bounded():
     with pytest.raises(ValueError, match="structured.kind"):
         SamplingParams(structured=StructuredOutput("lark", "start: x"))

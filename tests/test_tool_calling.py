@@ -262,6 +262,8 @@ def test_tool_choice_none_hides_the_tools(server):
     ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools", "at most 128"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
       "tools": TOOLS}, "messages.tool_calls[0].function.arguments", "not valid JSON"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000}}]}],
+      "tools": TOOLS}, "messages.tool_calls[0].function.arguments", "not valid JSON"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_tool_requests_are_400s_naming_the_field(server, fields, param, words, stream):
