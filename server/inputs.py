@@ -44,7 +44,7 @@ Rename = Callable[[str], str]
 
 @dataclass
 class Prepared:
-    """A request ready for admit(): prompt ids and checked params (and the seed TGI reports)."""
+    """A request ready for admit_group(): prompt ids and checked params (and the seed TGI reports)."""
     prompt_ids: list[int]
     params: SamplingParams
     seed: int | None = None
@@ -206,7 +206,7 @@ def build_params(rename: Rename, **fields: Any) -> SamplingParams:
 
 def engine_validate(state: ServerState, prompt_ids: list[int], params: SamplingParams, rename: Rename,
                     prompt_param: str) -> None:
-    """engine.validate (vocabulary, lengths) before admit(), so its refusals name the API's fields."""
+    """engine.validate (vocabulary, lengths) before admit_group(), so its refusals name the API's fields."""
     try:
         state.require_engine().validate(prompt_ids, params)
     except ValueError as exc:
@@ -460,10 +460,17 @@ def check_tgi(parameters: GenerateParameters, stream: bool) -> None:
     reject_unknown(parameters, prefix="parameters.")
     reject_unsupported([
         ("parameters.typical_p", parameters.typical_p, parameters.typical_p is not None),
-        ("parameters.best_of", parameters.best_of, parameters.best_of not in (None, 1)),
         ("parameters.watermark", parameters.watermark, parameters.watermark),
         ("parameters.adapter_id", parameters.adapter_id, parameters.adapter_id is not None),
     ])
+    if (parameters.best_of or 1) > 1:     # TGI's own rules for best_of
+        why = ("is not supported when streaming" if stream else "needs sampling (do_sample, temperature, top_k or "
+               "top_p)" if not (parameters.do_sample or parameters.temperature not in (None, 1.0)
+                                or parameters.top_k is not None or parameters.top_p is not None)
+               else "cannot be combined with a seed (each sequence draws its own)" if parameters.seed is not None
+               else None)
+        if why:
+            raise APIError("validation", f"parameters.best_of > 1 {why}", param="parameters.best_of")
     if stream and parameters.decoder_input_details:
         raise APIError("validation", "parameters.decoder_input_details is not supported when streaming",
                        param="parameters.decoder_input_details")

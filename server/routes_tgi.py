@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,10 +16,10 @@ from fastapi.responses import JSONResponse, Response
 from kvserve import RequestOutput, SamplingParams, TokenInfo
 from kvserve.server.errors import APIError
 from kvserve.server.inputs import prepare_tgi
-from kvserve.server.schemas_tgi import (Details, TGIErrorResponse, GenerateRequest, GenerateResponse, PrefillToken,
-                                        StreamDetails, StreamResponse, Token)
-from kvserve.server.serving import EngineRequest, EventBuilder, ServerState, admit, get_state, stream_response
-from kvserve.server.validation import finite
+from kvserve.server.schemas_tgi import (BestOfSequence, Details, TGIErrorResponse, GenerateRequest, GenerateResponse,
+                                        PrefillToken, StreamDetails, StreamResponse, Token)
+from kvserve.server.serving import EventBuilder, RequestGroup, ServerState, admit_group, get_state, stream_response
+from kvserve.server.validation import finite, random_seed
 
 router = APIRouter(tags=["TGI"])
 
@@ -33,22 +34,27 @@ SSE_DOC: dict[str, Any] = {"content": {"text/event-stream": {"schema": StreamRes
 
 
 class Submission:
-    """A validated TGI request bound to an engine request."""
+    """A validated TGI request bound to its engine requests (best_of of them, the first's prompt
+    blocks shared by the others)."""
 
-    def __init__(self, body: GenerateRequest, prompt_ids: list[int], params: SamplingParams, seed: int | None,
-                 engine_request: EngineRequest):
+    def __init__(self, body: GenerateRequest, prompt_ids: list[int], params: SamplingParams, seeds: list[int | None],
+                 engine_request: RequestGroup):
         self.body = body
         self.prompt_ids = prompt_ids
         self.params = params
-        self.seed = seed
+        self.seeds = seeds              # per sequence: what details.seed reports
+        self.seed = seeds[0]
         self.engine_request = engine_request
 
 
 async def submit(state: ServerState, body: GenerateRequest, stream: bool) -> Submission:
     """Validate the body, tokenize, admit into the engine (raising APIError before any response)."""
     prepared = await prepare_tgi(state, body, stream)
-    engine_request = await admit(state, prepared.prompt_ids, prepared.params, uuid.uuid4().hex)
-    return Submission(body, prepared.prompt_ids, prepared.params, prepared.seed, engine_request)
+    seeds = [prepared.seed] + [random_seed() for _ in range((body.parameters.best_of or 1) - 1)]
+    members = [(prepared.prompt_ids, replace(prepared.params, seed=seed) if i else prepared.params,
+                None if i == 0 else 0) for i, seed in enumerate(seeds)]
+    group = await admit_group(state, uuid.uuid4().hex, members)
+    return Submission(body, prepared.prompt_ids, prepared.params, seeds, group)
 
 
 def token(token_info: TokenInfo) -> Token:
@@ -90,21 +96,30 @@ def full_text(submission: Submission, generated: str) -> str:
 
 
 async def generate_once(state: ServerState, submission: Submission, request: Request) -> GenerateResponse | None:
-    """Run to completion; None when the client went away (the request was aborted)."""
-    result = await submission.engine_request.collect(request)
-    if result is None:
+    """Run to completion; None when the client went away (the request was aborted). With best_of, the
+    sequence with the highest total logprob answers; the others go to details.best_of_sequences."""
+    results = await submission.engine_request.collect(request)
+    if results is None:
         return None
-    out, tokens = result
-    text = full_text(submission, "".join(token_info.text for token_info in tokens))
+    ranked = sorted(zip(results, submission.seeds), key=lambda r: -sum(t.logprob for t in r[0][1]))
     parameters = submission.body.parameters
+
+    def sequence(out: RequestOutput, tokens: list[TokenInfo], seed: int | None) -> dict:
+        prompt_logprobs = out.prompt_logprobs or results[0][0].prompt_logprobs
+        return dict(generated_text=full_text(submission, "".join(token_info.text for token_info in tokens)),
+                    finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=seed,
+                    tokens=[token(token_info) for token_info in tokens],
+                    prefill=prefill(state, submission.prompt_ids, prompt_logprobs)
+                    if parameters.decoder_input_details else [],
+                    top_tokens=top_tokens_of(state, tokens) if parameters.top_n_tokens else [])
+
+    (out, tokens), seed = ranked[0]
+    best = sequence(out, tokens, seed)
     if not parameters.details:
-        return GenerateResponse(generated_text=text)
-    prefill_tokens = (prefill(state, submission.prompt_ids, out.prompt_logprobs)
-                      if parameters.decoder_input_details else [])
-    details = Details(finish_reason=finish_reason(out), generated_tokens=len(tokens), seed=submission.seed,
-                      tokens=[token(token_info) for token_info in tokens], prefill=prefill_tokens,
-                      top_tokens=top_tokens_of(state, tokens) if parameters.top_n_tokens else [])
-    return GenerateResponse(generated_text=text, details=details)
+        return GenerateResponse(generated_text=best["generated_text"])
+    others = [BestOfSequence(**sequence(o, t, s)) for (o, t), s in ranked[1:]] if len(ranked) > 1 else None
+    text = best.pop("generated_text")
+    return GenerateResponse(generated_text=text, details=Details(**best, best_of_sequences=others))
 
 
 def token_events(state: ServerState, submission: Submission) -> EventBuilder:

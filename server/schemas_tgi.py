@@ -12,8 +12,8 @@ DEFAULT_MAX_NEW_TOKENS = 100
 
 
 class GenerateParameters(NullAsDefault):
-    """TGI's `parameters`, in TGI's documented ranges; typical_p, best_of, watermark and adapter_id only
-    at their defaults."""
+    """TGI's `parameters`, in TGI's documented ranges; typical_p, watermark and adapter_id only at their
+    defaults."""
     model_config = ConfigDict(extra="allow")
 
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS}, "
@@ -35,7 +35,9 @@ class GenerateParameters(NullAsDefault):
     truncate: int | None = Field(None, ge=1, description="keep only the last `truncate` prompt tokens")
     top_n_tokens: int | None = Field(None, ge=0, le=20, description="this many of the most likely tokens at each "
                                      "generated position, in details.top_tokens (0-20)")
-    best_of: int | None = Field(None, ge=1, description="not supported: only null or 1")
+    best_of: int | None = Field(None, ge=1, le=16, description="sample this many sequences (1-16; needs sampling, "
+                                "no seed, no streaming) and answer the one with the highest total logprob, the "
+                                "others in details.best_of_sequences")
     watermark: bool = Field(False, description="not supported: only false")
     grammar: Any = Field(None, description="{\"type\": \"json\", \"value\": schema}, {\"type\": \"json_schema\", "
                          "\"value\": {\"name\", \"schema\"}} or {\"type\": \"regex\", \"value\": pattern}: the output "
@@ -66,6 +68,17 @@ class PrefillToken(BaseModel):
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+class BestOfSequence(BaseModel):
+    """One of best_of's other sequences."""
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+
+
 class Details(BaseModel):
     finish_reason: FinishReason
     generated_tokens: int
@@ -73,7 +86,7 @@ class Details(BaseModel):
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
     top_tokens: list[list[Token]] = Field(default_factory=list)   # per generated token, with top_n_tokens
-    best_of_sequences: list[Any] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None        # with best_of > 1: the others, best first
 
 
 class GenerateResponse(BaseModel):

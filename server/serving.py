@@ -98,7 +98,8 @@ def output_error(out: RequestOutput, draining: bool) -> APIError | None:
 
 
 class EngineRequest:
-    """One request submitted to the engine; iterate `outputs()` or `collect()` it, `close()` always."""
+    """One request submitted to the engine; iterate `outputs()`, `close()` always. Routes use it as a
+    member of a RequestGroup."""
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
                  parent_request_id: str | None = None):
@@ -157,12 +158,6 @@ class EngineRequest:
             raise error from exc
         finally:
             self.close()
-
-    async def collect(self, http_request: Request) -> tuple[RequestOutput, list[TokenInfo]] | None:
-        """Run to the end: the final output and every token; None if the client disconnected first
-        (the request is then aborted). Raises the APIError of a failed or aborted request."""
-        results = await collect_outputs(self.state, self.outputs(), http_request)
-        return None if results is None else results[self.request_id]
 
     def _record_finish(self, out: RequestOutput) -> None:
         if out.error:
@@ -288,7 +283,7 @@ class RequestGroup:
 
 
 async def admit_group(state: ServerState, request_id: str,
-                      members: list[tuple[list[int], SamplingParams, str | None]]) -> RequestGroup:
+                      members: list[tuple[list[int], SamplingParams, int | None]]) -> RequestGroup:
     """Submit (prompt ids, params, index of the member whose prompt blocks it shares) members as one
     response; the member ids are request_id itself for one member, else request_id-<index>."""
     ids = [request_id] if len(members) == 1 else [f"{request_id}-{i}" for i in range(len(members))]
@@ -297,13 +292,6 @@ async def admit_group(state: ServerState, request_id: str,
         for i, (prompt_ids, params, parent) in enumerate(members)])
     await group.start()
     return group
-
-
-async def admit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:
-    """Submit a request to the engine; raises APIError (before any response byte) if it is refused."""
-    engine_request = EngineRequest(state, prompt_ids, params, request_id)
-    await engine_request.start()
-    return engine_request
 
 
 def stream_response(state: ServerState, engine_request: EngineRequest, family: Family, events: EventBuilder,

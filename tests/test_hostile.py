@@ -125,7 +125,8 @@ def tgi_cases() -> list[Case]:
     param("details", [True], ["x", 2])
     param("decoder_input_details", [], ["x"])
     param("return_full_text", [True], ["x"])
-    param("best_of", [1], [2, 0, -1, U64])
+    param("best_of", [1], [2, 0, -1, 17, U64])
+    param("best_of", [], [], any_=[2, 16], extra={"do_sample": True})    # streaming: refused
     param("top_n_tokens", [0, 20], [21, -1, U64])
     param("watermark", [False], [True])
     param("grammar", [{"type": "json", "value": {}}, {"type": "regex", "value": "[a-z]+"}],

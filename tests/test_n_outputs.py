@@ -228,3 +228,32 @@ def test_bad_n_and_prompts_are_400s(server, body, param, words):
     r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "max_tokens": 2, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.json()
+
+
+def test_tgi_best_of(server, monkeypatch):
+    import huggingface_hub as hub
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)   # a loopback server, not the hub
+    client = hub.InferenceClient(base_url=server.base)
+    out = client.text_generation("Once upon", max_new_tokens=6, best_of=3, do_sample=True, details=True,
+                                 decoder_input_details=True)
+    others = out.details.best_of_sequences
+    assert len(others) == 2 and len({out.details.seed, *(o.seed for o in others)}) == 3
+    totals = [sum(t.logprob for t in out.details.tokens)] + [sum(t.logprob for t in o.tokens) for o in others]
+    assert totals == sorted(totals, reverse=True)             # the best answers, the others best first
+    assert out.generated_text == "".join(t.text for t in out.details.tokens)
+    assert all(o.prefill and o.prefill[0].logprob is None for o in others)
+    plain = client.text_generation("Once upon", max_new_tokens=6, best_of=2, do_sample=True)
+    assert isinstance(plain, str)
+
+
+@pytest.mark.parametrize("parameters,path,words", [
+    ({"best_of": 2}, "/generate", "needs sampling"),
+    ({"best_of": 2, "do_sample": True, "seed": 1}, "/generate", "seed"),
+    ({"best_of": 2, "do_sample": True}, "/generate_stream", "streaming"),
+    ({"best_of": 17, "do_sample": True}, "/generate", ""),
+])
+def test_bad_tgi_best_of_is_a_422(server, parameters, path, words):
+    import httpx
+    r = httpx.post(f"{server.base}{path}", json={"inputs": "x", "parameters": {"max_new_tokens": 2, **parameters}},
+                   timeout=60)
+    assert r.status_code == 422 and "best_of" in r.json()["error"] and words in r.json()["error"], r.text
