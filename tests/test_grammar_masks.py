@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import pytest
 import torch
 
@@ -15,34 +16,7 @@ from kvserve.bench import grammar_masks as gm  # noqa: E402
 
 
 def conforms(value, schema) -> bool:
-    """Just the JSON-schema keywords the benchmark's schemas use."""
-    if "anyOf" in schema:
-        return any(conforms(value, s) for s in schema["anyOf"])
-    if "const" in schema and value != schema["const"]:
-        return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    kind = schema.get("type")
-    if kind == "object":
-        props = schema.get("properties", {})
-        return (isinstance(value, dict) and set(schema.get("required", [])) <= set(value)
-                and (schema.get("additionalProperties", True) or set(value) <= set(props))
-                and all(conforms(v, props[k]) for k, v in value.items() if k in props))
-    if kind == "array":
-        return (isinstance(value, list)
-                and schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 1 << 30)
-                and all(conforms(v, schema["items"]) for v in value))
-    if kind == "string":
-        return (isinstance(value, str)
-                and schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30)
-                and ("pattern" not in schema or re.search(schema["pattern"], value) is not None))
-    if kind == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)
-                and schema.get("minimum", -1 << 63) <= value <= schema.get("maximum", 1 << 63))
-    if kind == "boolean":
-        return isinstance(value, bool)
-    return kind is None
-
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):

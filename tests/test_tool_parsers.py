@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import jsonschema
 import pytest
 
 from kvserve.server.tool_parsers import (
@@ -482,28 +483,7 @@ TOOLS = [
 
 
 def validate(value, schema) -> bool:
-    """A hand validator for the schema keywords required_schema uses (no jsonschema dependency)."""
-    if "anyOf" in schema:
-        return any(validate(value, s) for s in schema["anyOf"])
-    if "const" in schema and value != schema["const"]:
-        return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    kind = schema.get("type")
-    if kind == "array":
-        return isinstance(value, list) and len(value) >= schema.get("minItems", 0) and \
-            all(validate(v, schema["items"]) for v in value)
-    if kind == "object":
-        if not isinstance(value, dict) or any(k not in value for k in schema.get("required", [])):
-            return False
-        props = schema.get("properties", {})
-        if schema.get("additionalProperties") is False and any(k not in props for k in value):
-            return False
-        return all(validate(v, props[k]) for k, v in value.items() if k in props)
-    if kind == "string":
-        return isinstance(value, str)
-    return True
-
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 def test_required_schema_shape():
     schema = required_schema(TOOLS)
