@@ -99,11 +99,9 @@ class Scheduler:
         must be running with those tokens computed: it holds their blocks, so the first write into
         the shared partial block copies it."""
         parent, shared = seq.fork_parent, seq.num_prompt_tokens - 1
-        if parent is None or parent.is_finished:
-            seq.fork_parent = None        # it can no longer share: it computes its prompt (prefix hits help)
-            return 0
-        if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared or shared < 1:
-            return 0                      # preempted, recomputing: maybe next time
+        if (parent is None or parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared
+                or shared < 1):
+            return 0     # finished, or preempted: it computes its own prompt (prefix-cache hits help)
         self.kv.fork(parent.request_id, seq.request_id, shared)
         return shared
 

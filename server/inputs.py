@@ -268,14 +268,14 @@ def member_params(params: SamplingParams, j: int) -> SamplingParams:
     return replace(params, seed=(params.seed + j * 0x9E3779B97F4A7C15) % 2**64)
 
 
-def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+def logit_bias(bias: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
     """OpenAI's {"token id": bias} with string keys, as SamplingParams' {id: bias}."""
     result = {}
     for key, value in (bias or {}).items():
         if not TOKEN_ID.fullmatch(key):
             shown = key if len(key) <= 40 else key[:40] + "..."
-            raise APIError("validation", f"logit_bias keys must be token ids (non-negative integers written as "
-                           f"strings), got {shown!r}", param="logit_bias")
+            raise APIError("validation", f"{param} keys must be token ids (non-negative integers written as "
+                           f"strings), got {shown!r}", param=param)
         result[int(key)] = value
     return result
 
@@ -488,6 +488,7 @@ def tgi_params(parameters: GenerateParameters, max_tokens: int,
         repetition_penalty=parameters.repetition_penalty or 1.0,
         frequency_penalty=parameters.frequency_penalty or 0.0, seed=seed, stop=list(parameters.stop),
         include_stop_str_in_output=True, ignore_eos=parameters.ignore_eos, top_logprobs=parameters.top_n_tokens or 0,
+        logit_bias=logit_bias(parameters.logit_bias, "parameters.logit_bias"),
         prompt_logprobs=0 if parameters.details and parameters.decoder_input_details else None,
         structured=structured)
     return params, seed

@@ -44,6 +44,8 @@ class GenerateParameters(NullAsDefault):
                          "is constrained to it")
     adapter_id: str | None = Field(None, description="not supported: only null")
     ignore_eos: bool = Field(False, description="kvserve extension: keep generating after EOS")
+    logit_bias: dict[str, float] | None = Field(None, description="kvserve extension, as OpenAI's: token id (as a "
+                                                "string) -> bias in [-100, 100] added to its logit; at most 1024")
 
 
 class GenerateRequest(ClientBody):

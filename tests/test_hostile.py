@@ -134,6 +134,7 @@ def tgi_cases() -> list[Case]:
            {"type": "lark", "value": "x"}, {"type": "json", "value": {"$ref": "#/none"}}, "x"])
     param("adapter_id", [], ["x", "\ud800"])
     param("ignore_eos", [True], ["x"])
+    param("logit_bias", [{"65": 100}, {}], [{"x": 1}, {"65": 100.5}, {"100000": 1}, {"5": NAN}, [1], "x"])
     param("unknown_knob", [], [1, "x", {"a": [1]}])
     cases.append(Case("decoder_input_details=true", "tgi", tgi_body({"decoder_input_details": True, "details": True}),
                       "ok", modes=("plain",)))

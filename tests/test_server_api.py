@@ -198,6 +198,14 @@ def test_tgi_generate_details_and_compat_route(client):
     assert full["generated_text"] == "Hello" + out["generated_text"]
 
 
+def test_tgi_logit_bias_steers_greedy_output(client, demo_model_dir):
+    """kvserve's TGI extension, as OpenAI's logit_bias: +100 on one token makes greedy pick it."""
+    target = raw_tokenizer(demo_model_dir).encode("Z", add_special_tokens=False).ids[0]
+    out = client.post("/generate", json={"inputs": "Hello", "parameters": {
+        "max_new_tokens": 4, "logit_bias": {str(target): 100}}}).json()
+    assert out == {"generated_text": "ZZZZ"}
+
+
 def test_tgi_sampling_reports_and_honours_seed(client):
     params = {"max_new_tokens": 10, "do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95}
     first = greedy_tgi(client, "Seeded", 10, **params)
