@@ -35,6 +35,9 @@ def _llama(hidden, layers, heads, kv_heads, inter, vocab, **extra) -> dict:
 SHAPES: dict[str, ModelShape] = {s.name: s for s in [
     ModelShape("tiny", "llama", "Llama architecture, hidden 64, 2 layers, 4 heads, 2 kv heads, "
                "intermediate 128, vocab 512 (development only)", _llama(64, 2, 4, 2, 128, 512)),
+    ModelShape("llama-256x6", "llama", "Llama architecture, hidden 256, 6 layers, 4 heads, 2 kv heads, intermediate "
+               "1024, vocab 32000, untied (issue 14's CPU benchmark model: its lm_head dominates a batch-1 step)",
+               _llama(256, 6, 4, 2, 1024, 32000)),
     ModelShape("llama-small", "llama", "Llama architecture at SmolLM-135M width with 4 layers: hidden 576, "
                "4 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, untied (71M parameters, 57M of "
                "them embeddings and head)", _llama(576, 4, 9, 3, 1536, 49152)),

@@ -44,6 +44,8 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256     # largest captured decode batch (bigger ones run eagerly)
     seed: int = 0
     logprobs_mode: str = "raw"          # raw: log-softmax of the model's logits; processed: of what was sampled from
+    cpu_weight_layout: str = "auto"     # CPU: auto lays each linear weight out as its BLAS runs fastest (measured
+                                        # at load); "row": as stored
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError("cuda_graph_max_batch must be >= 1")
+        if self.cpu_weight_layout not in ("auto", "row"):
+            raise ValueError(f"cpu_weight_layout must be auto or row, got {self.cpu_weight_layout!r}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
