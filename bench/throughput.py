@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 from kvserve.bench import common
 from kvserve.bench.common import Request, make_workload, print_table, ratio
 from kvserve.bench.models import describe, model_and_vocab
 from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuous_batching, hf_generate_static,
-                         kvserve_generate, load_hf_model, make_llm)
+                         kvserve_generate, load_hf_model, make_llm, synchronize)
 
 NAME = "throughput"
 HELP = "output tokens/s of kvserve vs transformers generate() and generate_batch() on one workload"
@@ -65,8 +66,48 @@ def run(args: argparse.Namespace) -> int:
         free_memory()
 
     profile = _profile(args, path, reqs, kv_blocks) if args.profile else None
-    _report(args, machine, reqs, kv_blocks, results, profile)
+    floor = compute_floor(path, reqs, args.device, args.dtype, args.max_batch_tokens)
+    _report(args, machine, reqs, kv_blocks, results, profile, floor)
     return 0
+
+
+def compute_floor(path, reqs: list[Request], device: str, dtype: str, rows: int) -> dict:
+    """The workload's matmul FLOPs over this device's measured matmul rate: no system can run it in
+    less time. Every prompt and output token goes through every linear layer once (no prefix hits:
+    the prompts are random), the lm_head once per output token, attention over each token's context."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    layer_params = sum(m.weight.numel() for m in linears)
+    text = config.get_text_config()
+    attn_width = text.num_attention_heads * (getattr(text, "head_dim", None)
+                                             or text.hidden_size // text.num_attention_heads)
+    prompt = sum(len(r.prompt_token_ids) for r in reqs)
+    output = sum(r.max_tokens for r in reqs)
+    # QK^T and AV: 4 x context x width per token per layer, context summed over each request's positions
+    context = sum((len(r.prompt_token_ids) + r.max_tokens) ** 2 / 2 for r in reqs)
+    flops = 2 * layer_params * (prompt + output) + 2 * head.weight.numel() * output \
+        + 4 * attn_width * text.num_hidden_layers * context
+    # the rate: a GEMM of the model's widest projection at one step's token count, best of 5
+    widest = max(linears, key=lambda m: m.weight.numel())
+    out_features, in_features = widest.weight.shape
+    torch_dtype = getattr(torch, dtype)
+    a = torch.randn(rows, in_features, dtype=torch_dtype, device=device)
+    b = torch.randn(in_features, out_features, dtype=torch_dtype, device=device)
+    best = float("inf")
+    for _ in range(6):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    rate = 2 * rows * in_features * out_features / best
+    return {"flops": flops, "matmul_flops_per_s": rate, "seconds": flops / rate,
+            "gemm": [rows, in_features, out_features]}
 
 
 def _kvserve(args, path, reqs: list[Request], kv_blocks: int):
@@ -112,7 +153,7 @@ def _profile(args, path, reqs, kv_blocks) -> dict:
     return profile_kvserve(llm, sl, args.device)
 
 
-def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profile) -> None:
+def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profile, floor: dict) -> None:
     base = results.get("kvserve")
     rows = []
     for name, r in results.items():
@@ -138,6 +179,9 @@ def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profi
         g = results["generate"]
         print(f"generate() computed {g.computed_tokens} output tokens for {g.output_tokens} useful ones: static "
               f"batches of {args.batch_size} run to each batch's longest output; only each request's own tokens count.")
+    print(f"compute floor: {floor['flops'] / 1e12:.2f} TFLOP of matmuls at {floor['matmul_flops_per_s'] / 1e9:.0f} "
+          f"GFLOP/s (a {' x '.join(map(str, floor['gemm']))} GEMM measured here) = {floor['seconds']:.2f} s"
+          + (f"; kvserve took {base.elapsed / floor['seconds']:.1f}x that" if base else ""))
     print(f"machine: {common.machine_line(machine)}")
     if profile:
         from kvserve.bench.profiling import print_profile
@@ -153,6 +197,7 @@ def _report(args, machine, reqs, kv_blocks, results: dict[str, RunResult], profi
                    "block_size": args.block_size, "kv_blocks": kv_blocks, "max_num_seqs": args.max_num_seqs,
                    "hf_page_size": args.hf_page_size, "warmup_requests": args.warmup},
         "results": {k: v.as_dict() for k, v in results.items()}, "ratios": ratios, "profile": profile,
+        "compute_floor": floor,
     }
     common.write_json(args.out_dir, NAME, payload)
     plot(payload, args.out_dir)
