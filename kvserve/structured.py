@@ -89,6 +89,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
+        self._copy_lock = threading.Lock()   # a matcher used by two threads at once raises "Already borrowed"
         self._ll_tokenizer = None
         self._templates: OrderedDict[StructuredOutput, object] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future] = {}
@@ -109,7 +110,8 @@ class GrammarCompiler:
         if template is not None:
             self._templates.move_to_end(spec)
             done: Future = Future()
-            done.set_result(template.deep_copy())
+            with self._copy_lock:
+                done.set_result(template.deep_copy())
             return done
         pending = self._compiling.get(spec)
         if pending is None:
@@ -120,12 +122,12 @@ class GrammarCompiler:
         pending.add_done_callback(lambda f: self._copy_to(f, fresh))
         return fresh
 
-    @staticmethod
-    def _copy_to(compiled: Future, fresh: Future) -> None:
+    def _copy_to(self, compiled: Future, fresh: Future) -> None:
         exc = compiled.exception()
         if exc is not None:
             fresh.set_exception(exc)
-        else:
+            return
+        with self._copy_lock:
             fresh.set_result(compiled.result().deep_copy())
 
     def _compile(self, spec: StructuredOutput):
@@ -166,10 +168,6 @@ class GrammarCompiler:
                 if row.any():
                     words[i] = row
         return mask
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def unpack_bitmask(mask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
