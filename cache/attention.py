@@ -162,12 +162,18 @@ def _attend_prefill(q, k, v, mask, scale, softcap):
 
 
 def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
-    """q [B, H, D]; whole blocks are gathered (contiguous copies) and each KV head runs one bmm
-    over strided views, so nothing else is copied -> [B, H, D]."""
+    """q [B, H, D]; whole blocks are gathered (contiguous copies), then one fused SDPA call (without a
+    softcap), or per KV head one bmm over strided views (Gemma-2's softcap) -> [B, H, D]."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     k = k_cache.index_select(0, g.blocks).view(b, -1, kvh, d)      # [B, L, KVH, D]
     v = v_cache.index_select(0, g.blocks).view(b, -1, kvh, d)
+    if softcap is None:
+        # a few operators per layer instead of a dozen: at batch 1 on CPU the per-operator cost dominates
+        mask = None if g.mask is None else ~g.mask[:, :, None, :]                # [B, 1, 1, L], True: attend
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=scale, enable_gqa=h != kvh)
+        return o.view(b, h, d)
     qg = (q * scale).view(b, kvh, h // kvh, d)
     out = torch.empty(b, kvh, h // kvh, d, dtype=q.dtype, device=q.device)
     for head in range(kvh):
