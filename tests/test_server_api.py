@@ -485,6 +485,26 @@ def test_streaming_disconnect_frees_blocks(server, path):
     assert wait_until(lambda: aborted_count(server) == before + 1, 2)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_disconnect_aborts_every_output_of_an_n_request(server, stream):
+    """n outputs (and lists of prompts) are several engine requests: a client that goes away aborts all."""
+    assert wait_until(lambda: server.stats()["blocks_used"] == 0, 10)
+    before = aborted_count(server)
+    # as long as MAX_MODEL_LEN allows; the client leaves after the first chunk, or after 0.1 s
+    body = {"prompt": ["Long story", "Another one"], "n": 2, "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
+            "stream": stream}
+    timeout = httpx.Timeout(30) if stream else httpx.Timeout(30, read=0.1)
+    with httpx.Client(base_url=server.base, timeout=timeout) as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                assert next(r.iter_lines()).startswith("data:")
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json=body)
+    assert blocks_freed_within_a_second(server), server.stats()
+    assert wait_until(lambda: aborted_count(server) == before + 4, 2), (aborted_count(server), before)
+
+
 def test_non_streaming_disconnect_frees_blocks(server):
     assert wait_until(lambda: server.stats()["blocks_used"] == 0, 10)
     # as long as MAX_MODEL_LEN allows (~0.3 s even on a fast CPU); the client gives up after 0.1 s
