@@ -89,7 +89,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
-        self._copy_lock = threading.Lock()   # a matcher used by two threads at once raises "Already borrowed"
+        # the template cache and its copies, shared with the compile thread (a matcher used by two threads
+        # at once raises "Already borrowed")
+        self._copy_lock = threading.Lock()
         self._ll_tokenizer = None
         self._templates: OrderedDict[StructuredOutput, object] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future] = {}
@@ -106,13 +108,13 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutput) -> Future:
         """A future of a fresh matcher for the spec (already done when the spec is cached). It raises
         GrammarError when the grammar does not compile."""
-        template = self._templates.get(spec)
-        if template is not None:
-            self._templates.move_to_end(spec)
-            done: Future = Future()
-            with self._copy_lock:
+        with self._copy_lock:
+            template = self._templates.get(spec)
+            if template is not None:
+                self._templates.move_to_end(spec)
+                done: Future = Future()
                 done.set_result(template.deep_copy())
-            return done
+                return done
         pending = self._compiling.get(spec)
         if pending is None:
             if self._pool is None:
@@ -136,9 +138,10 @@ class GrammarCompiler:
             matcher = LLMatcher(self._tokenizer(), grammar_text(spec), log_level=0)
             if matcher.is_error():
                 raise GrammarError(_short(matcher.get_error()))
-            self._templates[spec] = matcher      # published before the pending entry goes: no second compile
-            while len(self._templates) > MAX_CACHED_GRAMMARS:
-                self._templates.popitem(last=False)
+            with self._copy_lock:    # published before the pending entry goes: no second compile
+                self._templates[spec] = matcher
+                while len(self._templates) > MAX_CACHED_GRAMMARS:
+                    self._templates.popitem(last=False)
         finally:
             self._compiling.pop(spec, None)
         return matcher
