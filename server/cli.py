@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -68,6 +69,45 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, type: Callab
     parser.add_argument(flag, type=type, default=default, help=f"{help} [env: {env}; default: {shown}]", **kwargs)
 
 
+# Kubernetes gives every pod `<SERVICE>_PORT=tcp://<cluster ip>:<port>` for each Service of its namespace
+# (Docker's links did the same): a Service named `kvserve` sets KVSERVE_PORT, which is not a port for us.
+SERVICE_LINK = re.compile(r"(?:tcp|udp|sctp)://(?:\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]+")
+DEFAULT_PORT = 8000
+
+
+class FromEnvironment(str):
+    """A flag's value read from its environment variable; argparse converts a string default with the
+    flag's type only when the flag is not given, so a bad variable never stops `--flag VALUE`."""
+    variable = ""
+
+
+def port_number(value: str) -> int:
+    """--port's type: a TCP port number, 0-65535 (KVSERVE_PORT's too, naming the variable when it is wrong)."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        if isinstance(value, FromEnvironment):
+            raise argparse.ArgumentTypeError(f"{value.variable}={str(value)!r} is not a port number (0-65535): "
+                                             "fix or unset it, or pass --port")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def add_port_flag(parser: argparse.ArgumentParser) -> None:
+    """--port, from KVSERVE_PORT unless that holds a Kubernetes service link: then the variable is ignored
+    (`serve` logs it) and the port is 8000, the port kvserve's image and manifests expose."""
+    env = env_name("--port")
+    value = os.environ.get(env)
+    default: int | str = DEFAULT_PORT
+    if value is not None and SERVICE_LINK.fullmatch(value.strip()):
+        parser.set_defaults(ignored_port_env=value)
+    elif value is not None:
+        default = FromEnvironment(value)
+        default.variable = env
+    parser.add_argument("--port", type=port_number, default=default,
+                        help="port to bind; a KVSERVE_PORT of the form tcp://HOST:PORT (what Kubernetes sets for "
+                             f"a Service named kvserve) is ignored [env: {env}; default: {str(default).strip()}]")
+
+
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     env = env_name(flag)
     default = os.environ.get(env, "").strip().lower() in TRUE
@@ -79,7 +119,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--model", "local folder or Hugging Face hub id", metavar="PATH_OR_ID",
              unset="the built-in demo model (random weights, created offline on first use)")
     add_flag(p, "--host", "address to bind", default="127.0.0.1")
-    add_flag(p, "--port", "port to bind", type=int, default=8000)
+    add_port_flag(p)
     env = env_name("--served-model-name")
     names = os.environ[env].replace(",", " ").split() if os.environ.get(env) else None
     p.add_argument("--served-model-name", nargs="+", default=names, metavar="NAME",
@@ -235,6 +275,10 @@ def make_server(args: argparse.Namespace, config: Any, served_names: tuple[str, 
 
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    if getattr(args, "ignored_port_env", None) is not None:
+        logger.warning("ignoring KVSERVE_PORT=%r: Kubernetes sets <SERVICE>_PORT=tcp://HOST:PORT for each Service, "
+                       "here one named kvserve; binding port %d (set enableServiceLinks: false in the pod spec, "
+                       "or pass --port)", args.ignored_port_env, args.port)
     began = time.monotonic()
     try:
         sock = listen(args.host, args.port)
