@@ -8,6 +8,7 @@ shared by every layer (per sliding-window size).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +27,11 @@ class PrefillSeq:
 
 @dataclass
 class DecodeGroup:
-    q_index: torch.Tensor          # [B] rows of the packed batch
+    rows: slice | torch.Tensor     # its B rows of the packed batch: a slice when they are consecutive
     blocks: torch.Tensor           # [B * nb] block ids covering the attended keys, padded
     mask: torch.Tensor | None      # [B, 1, nb * block_size] True where not attended; None if all are
+    keys: slice | None = None      # when every row attends the same span of its gathered blocks: that
+                                   # span (no mask needed; mask is then None)
 
 
 @dataclass
@@ -92,10 +95,15 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
     for g in groups:
         nb = nblocks[g[0]]
         blocks = [b for i in g for b in (meta.decode_tables[i][first[i]:first[i] + nblocks[i]] + [0] * (nb - nblocks[i]))]
+        rows = slice(g[0], g[0] + len(g)) if g == list(range(g[0], g[0] + len(g))) else meta.decode_index[g]
+        spans = {(starts[i] - first[i] * bs, ctx[i] - first[i] * bs) for i in g}
+        if len(spans) == 1:     # e.g. one row: slice the gathered keys instead of building a mask (no padding)
+            (lo, hi), = spans
+            out.append(DecodeGroup(rows, torch.tensor(blocks, device=device), None, slice(lo, hi)))
+            continue
         pos = torch.tensor([first[i] * bs for i in g])[:, None] + torch.arange(nb * bs)[None, :]
         mask = (pos >= torch.tensor([ctx[i] for i in g])[:, None]) | (pos < torch.tensor([starts[i] for i in g])[:, None])
-        out.append(DecodeGroup(meta.decode_index[g], torch.tensor(blocks, device=device),
-                               mask[:, None, :].to(device) if bool(mask.any()) else None))
+        out.append(DecodeGroup(rows, torch.tensor(blocks, device=device), mask[:, None, :].to(device)))
     return out
 
 
@@ -113,21 +121,66 @@ def _prefill_mask(p: PrefillSeq, window: int | None) -> tuple[int, torch.Tensor 
     return k_start, allowed
 
 
+_STEP_META: AttentionMetadata | None = None     # the step a compiled forward runs (see forward_context)
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata):
+    """The metadata of the step a torch.compile'd forward runs. A compiled graph cannot take a Python
+    object as an input, so its attention layers call the opaque op kvserve::paged_attention, which
+    finds the step's block tables here. The engine steps from one thread."""
+    global _STEP_META
+    _STEP_META = meta
+    try:
+        yield
+    finally:
+        _STEP_META = None
+
+
+@torch.library.custom_op("kvserve::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+                        scale: float, window: int, softcap: float) -> torch.Tensor:
+    """paged_attention as one operator for torch.compile: it writes the step's K/V into the cache (not
+    an argument: the compiler sees no mutation) and returns a new [1, T, H, D] tensor."""
+    assert _STEP_META is not None, "a compiled forward runs inside attention.forward_context(meta)"
+    return _paged(query, key, value, layer_idx, _STEP_META, scale, window or None, softcap or None)
+
+
+@_paged_attention_op.register_fake
+def _(query, key, value, layer_idx, scale, window, softcap):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
 def paged_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                     kv_meta: AttentionMetadata | None = None, sliding_window=None, softcap=None, **kwargs):
-    """transformers attention interface: query [1, H, T, D], key/value [1, KVH, T, D] -> [1, T, H, D]."""
-    assert kv_meta is not None, "paged attention needs kv_meta (run the model through kvserve's runner)"
-    k_cache, v_cache = kv_meta.kv_caches[module.layer_idx]
+    """transformers attention interface: query [1, H, T, D], key/value [1, KVH, T, D] -> [1, T, H, D].
+    kv_meta comes with the forward's arguments (eager), or from forward_context (a compiled forward)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    window = sliding_window if sliding_window and sliding_window > 0 else None
+    if kv_meta is None:
+        if not torch.compiler.is_compiling() and _STEP_META is None:
+            raise RuntimeError("paged attention needs kv_meta (run the model through kvserve's runner)")
+        return _paged_attention_op(query, key, value, module.layer_idx, float(scale), window or 0,
+                                   float(softcap or 0.0)), None
+    return _paged(query, key, value, module.layer_idx, kv_meta, scale, window, softcap), None
+
+
+def _paged(query, key, value, layer_idx: int, kv_meta: AttentionMetadata, scale: float, window: int | None,
+           softcap: float | None) -> torch.Tensor:
+    """Write the step's K/V at their slots, attend: [1, T, H, D]."""
+    k_cache, v_cache = kv_meta.kv_caches[layer_idx]
     num_blocks, block_size, kvh, d = k_cache.shape
     q = query[0].transpose(0, 1)                       # [T, H, D]
     if kv_meta.triton is not None:
-        return _triton_attention(q, key, value, k_cache, v_cache, kv_meta, scaling, sliding_window, softcap)
+        return _triton_attention(q, key, value, k_cache, v_cache, kv_meta, scale, window, softcap)
     k_flat = k_cache.view(-1, kvh, d)
     v_flat = v_cache.view(-1, kvh, d)
     k_flat.index_copy_(0, kv_meta.slot_mapping, key[0].transpose(0, 1).to(k_flat.dtype))
     v_flat.index_copy_(0, kv_meta.slot_mapping, value[0].transpose(0, 1).to(v_flat.dtype))
-    scale = d ** -0.5 if scaling is None else scaling
-    window = sliding_window if sliding_window and sliding_window > 0 else None
+    groups = kv_meta.decode_groups(window)
+    if not kv_meta.prefills and len(groups) == 1 and groups[0].rows == slice(0, q.shape[0]):
+        # decodes only, one group in batch order (batch-1 decode): no scatter into an output buffer
+        return _attend_decode(q, k_cache, v_cache, groups[0], scale, softcap).unsqueeze(0)
     out = torch.empty_like(q)
     for i, p in enumerate(kv_meta.prefills):
         k_start, mask = kv_meta.prefill_mask(i, window)
@@ -135,9 +188,9 @@ def paged_attention(module, query, key, value, attention_mask=None, scaling=None
         out[p.q_start:p.q_start + p.q_len] = _attend_prefill(
             q[p.q_start:p.q_start + p.q_len], k_flat.index_select(0, slots), v_flat.index_select(0, slots),
             mask, scale, softcap)
-    for g in kv_meta.decode_groups(window):
-        out[g.q_index] = _attend_decode(q[g.q_index], k_cache, v_cache, g, scale, softcap)
-    return out.unsqueeze(0), None
+    for g in groups:
+        out[g.rows] = _attend_decode(q[g.rows], k_cache, v_cache, g, scale, softcap)
+    return out.unsqueeze(0)
 
 
 def _attend_prefill(q, k, v, mask, scale, softcap):
@@ -168,6 +221,8 @@ def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
     _, bs, kvh, _ = k_cache.shape
     k = k_cache.index_select(0, g.blocks).view(b, -1, kvh, d)      # [B, L, KVH, D]
     v = v_cache.index_select(0, g.blocks).view(b, -1, kvh, d)
+    if g.keys is not None:
+        k, v = k[:, g.keys], v[:, g.keys]
     if softcap is None:
         # a few operators per layer instead of a dozen: at batch 1 on CPU the per-operator cost dominates
         mask = None if g.mask is None else ~g.mask[:, :, None, :]                # [B, 1, 1, L], True: attend
@@ -187,12 +242,10 @@ def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
     return out.view(b, h, d)
 
 
-def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_window, softcap):
+def _triton_attention(q, key, value, k_cache, v_cache, meta, scale, window, softcap):
     from kvserve.cache import triton_attention as ta
     t = meta.triton
     key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)      # [T, KVH, D] views
-    window = sliding_window if sliding_window and sliding_window > 0 else None
-    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd, slots = t.num_decodes, meta.slot_mapping
     if nd:
@@ -203,4 +256,4 @@ def _triton_attention(q, key, value, k_cache, v_cache, meta, scaling, sliding_wi
         ta.paged_prefill_attention(q[nd:], k_cache, v_cache, t.block_tables[nd:], t.cu_seqlens_q,
                                    t.seq_lens[nd:], scale, window, softcap, t.max_seqlen_q, key=key[nd:],
                                    value=value[nd:], slot_mapping=slots[nd:], out=out[nd:])
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
