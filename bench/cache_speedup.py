@@ -13,10 +13,11 @@ from kvserve.bench.peers import free_memory, kvserve_generate, load_hf_model, ma
 
 NAME = "cache-speedup"
 HELP = "one stream, short prompt, growing outputs: kvserve vs generate(use_cache=True) vs generate(use_cache=False)"
-SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
-LABELS = {"kvserve": "kvserve", "generate_cache": "generate(use_cache=True)",
+SYSTEMS = ("kvserve", "kvserve_compiled", "generate_cache", "generate_no_cache")
+DEFAULT_SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
+LABELS = {"kvserve": "kvserve", "kvserve_compiled": "kvserve compile=True", "generate_cache": "generate(use_cache=True)",
           "generate_no_cache": "generate(use_cache=False)"}
-SHORT = {"kvserve": "kvserve", "generate_cache": "cache", "generate_no_cache": "no-cache"}
+SHORT = {"kvserve": "kvserve", "kvserve_compiled": "compiled", "generate_cache": "cache", "generate_no_cache": "no-cache"}
 log = logging.getLogger("kvserve.bench")
 
 
@@ -26,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prompt tokens")
     g.add_argument("--lengths", type=int_list, default=[50, 100, 200, 300, 500], metavar="LIST",
                    help="new tokens per run, comma separated")
-    g.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST", help="comma-separated systems")
+    g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="LIST",
+                   help=f"comma-separated systems, of {', '.join(SYSTEMS)} (kvserve_compiled: with compile=True, "
+                        "the model compiled at start-up, CPU only)")
     g.add_argument("--repeats", type=int, default=1, metavar="N", help="runs per point, median reported")
 
 
@@ -55,9 +58,9 @@ def _median(xs: list[float]) -> float:
 
 
 def _time_system(system: str, args, path, prompt: list[int]) -> dict[int, float]:
-    if system == "kvserve":
+    if system in ("kvserve", "kvserve_compiled"):
         llm = make_llm(path, args.device, args.dtype, seed=args.seed, enable_prefix_caching=False,
-                       max_model_len=args.prompt_len + max(args.lengths) + 16)
+                       max_model_len=args.prompt_len + max(args.lengths) + 16, compile=system == "kvserve_compiled")
 
         def once(n: int) -> float:
             return kvserve_generate(llm, [Request(prompt, n)], args.device, desc=f"kvserve {n}").elapsed
@@ -92,7 +95,8 @@ def _time_system(system: str, args, path, prompt: list[int]) -> dict[int, float]
 def _report(args, machine, times: dict[str, dict[int, float]]) -> None:
     headers = ["new tokens"] + [f"{SHORT[s]} s" for s in times]
     speedups = [("generate_no_cache", "generate_cache"), ("generate_no_cache", "kvserve"),
-                ("generate_cache", "kvserve")]
+                ("generate_cache", "kvserve"), ("generate_no_cache", "kvserve_compiled"),
+                ("generate_cache", "kvserve_compiled"), ("kvserve", "kvserve_compiled")]
     speedups = [(a, b) for a, b in speedups if a in times and b in times]
     headers += [f"{SHORT[b]} vs {SHORT[a]}" for a, b in speedups]
     rows = []

@@ -13,7 +13,8 @@ from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuo
 
 NAME = "throughput"
 HELP = "output tokens/s of kvserve vs transformers generate() and generate_batch() on one workload"
-SYSTEMS = ("kvserve", "generate_batch", "generate")
+SYSTEMS = ("kvserve", "kvserve_compiled", "generate_batch", "generate")
+DEFAULT_SYSTEMS = ("kvserve", "generate_batch", "generate")
 TARGETS = {"generate": 3.0, "generate_batch": 1.5}         # CPU (issue 5)
 CUDA_TARGETS = {"generate": 15.0}                           # GPU, bf16 (issue 6; vLLM reports 14-24x)
 log = logging.getLogger("kvserve.bench")
@@ -22,7 +23,9 @@ log = logging.getLogger("kvserve.bench")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common_args(p)
     g = common.add_workload_args(p)
-    g.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST", help="comma-separated systems")
+    g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="LIST",
+                   help=f"comma-separated systems, of {', '.join(SYSTEMS)} (kvserve_compiled: with compile=True, "
+                        "the model compiled at start-up, CPU only)")
     g = p.add_argument_group("systems")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="generate()'s static batch size")
     g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
@@ -110,18 +113,18 @@ def compute_floor(path, reqs: list[Request], device: str, dtype: str, rows: int)
             "gemm": [rows, in_features, out_features]}
 
 
-def _kvserve(args, path, reqs: list[Request], kv_blocks: int):
+def _kvserve(args, path, reqs: list[Request], kv_blocks: int, compile: bool = False):
     max_len = max(len(r.prompt_token_ids) + r.max_tokens for r in reqs)
     return make_llm(path, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=kv_blocks,
                     max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                    max_model_len=max_len, seed=args.seed)
+                    max_model_len=max_len, seed=args.seed, compile=compile or None)
 
 
 def _run_system(system: str, args, path, reqs: list[Request], kv_blocks: int) -> RunResult:
-    if system == "kvserve":
-        llm = _kvserve(args, path, reqs, kv_blocks)
-        kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc="kvserve warm-up")
-        res = kvserve_generate(llm, reqs, args.device, desc="kvserve")
+    if system in ("kvserve", "kvserve_compiled"):
+        llm = _kvserve(args, path, reqs, kv_blocks, compile=system == "kvserve_compiled")
+        kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc=f"{system} warm-up")
+        res = kvserve_generate(llm, reqs, args.device, desc=system)
         res.extra["engine_stats"] = _stats_dict(llm)
         del llm
         return res

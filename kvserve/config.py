@@ -46,6 +46,7 @@ class EngineConfig:
     logprobs_mode: str = "raw"          # raw: log-softmax of the model's logits; processed: of what was sampled from
     cpu_weight_layout: str = "auto"     # CPU: auto lays each linear weight out as its BLAS runs fastest (measured
                                         # at load); "row": as stored
+    compile: bool = False               # CPU: torch.compile the model at start-up (inductor; needs a C++ compiler)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,5 +68,7 @@ class EngineConfig:
             raise ValueError(f"cpu_weight_layout must be auto or row, got {self.cpu_weight_layout!r}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
+        if self.compile and self.device not in ("auto", "cpu"):
+            raise ValueError(f"compile is for CPU (device {self.device!r}): on CUDA, decode steps run as CUDA graphs")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

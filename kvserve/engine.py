@@ -107,6 +107,10 @@ class EngineCore:
                      self.kv_pool.num_host_blocks, self.kv_pool.num_host_blocks * spec.block_size,
                      self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
         self.runner = ModelRunner(model, self.kv_pool, backend)
+        if cfg.compile:
+            if device.type != "cpu":
+                raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
+            self.runner.compile()
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(device, self.grammars, processed_logprobs=cfg.logprobs_mode == "processed")

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from kvserve.cache.attention import forward_context
 from kvserve.cache.backends import AttentionBackend
 from kvserve.cache.kv_pool import KVPool, upload
 from kvserve.cuda_graphs import DecodeGraphs
@@ -26,6 +27,29 @@ class ModelRunner:
         self.vocab_size = model.config.get_text_config().vocab_size
         self.graphs: DecodeGraphs | None = None
         self.warmup_variants: frozenset = frozenset()   # kernel variants launched by warmup()
+        self.compiled = None                            # the torch.compile'd model, see compile()
+
+    def compile(self) -> bool:
+        """torch.compile the model (inductor, dynamic shapes) and compile its graphs now, on synthetic
+        steps shaped like serving's (one decode, several decodes, a prefill chunk, and a prefill beside a
+        decode), so none compiles while serving. The paged attention stays one opaque op per layer
+        (kvserve::paged_attention); the rest of each layer (norms, rotary, MLP, residuals) becomes
+        fused kernels and the per-module Python goes. Returns False, and leaves the model eager, when
+        compiling fails (e.g. no C++ compiler on the host)."""
+        t0 = time.perf_counter()
+        self.compiled = torch.compile(self.model, dynamic=True)
+        try:
+            with torch.inference_mode():
+                for step in _compile_steps(self.kv_pool.num_blocks * self.kv_pool.block_size, self.kv_pool.block_size):
+                    self._forward(step)     # drops self.compiled if a compiled graph fails
+        except Exception:
+            log.exception("the compile warm-up failed")
+            self.compiled = None
+        if self.compiled is None:
+            log.warning("torch.compile failed: the model runs eagerly")
+            return False
+        log.info("torch.compile: model compiled in %.1fs", time.perf_counter() - t0)
+        return True
 
     def init_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Decode through the padded static-buffer path; captured as CUDA graphs when `capture`
@@ -68,9 +92,24 @@ class ModelRunner:
         keep = [last_token_of_row[r] for r in step.sample_rows]
         for r in step.prompt_logprob_rows:
             keep.extend(range(last_token_of_row[r] - step.num_tokens[r] + 1, last_token_of_row[r] + 1))
-        out = self.model(input_ids=upload(step.input_ids, self.device)[None],
-                         position_ids=upload(step.positions, self.device)[None], use_cache=False,
-                         logits_to_keep=upload(keep, self.device), kv_meta=meta)
+        input_ids = upload(step.input_ids, self.device)[None]
+        position_ids = upload(step.positions, self.device)[None]
+        logits_to_keep = upload(keep, self.device)
+        if self.compiled is not None:
+            try:
+                with forward_context(meta):
+                    return self.compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                         logits_to_keep=logits_to_keep).logits[0]
+            except Exception:
+                # the eager forward decides: if it fails too, the step is at fault (kvserve.isolation
+                # finds its rows); if not, the compiled graph is, and it is dropped for good
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 logits_to_keep=logits_to_keep, kv_meta=meta)
+                log.exception("a compiled forward failed where the eager one runs: serving eagerly from now on")
+                self.compiled = None
+                return out.logits[0]
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                         logits_to_keep=logits_to_keep, kv_meta=meta)
         return out.logits[0]
 
     @torch.inference_mode()
@@ -125,6 +164,22 @@ def _synthetic_step(num_tokens: list[int], num_decodes: int, width: int) -> Sche
                            block_tables=[[0] * width for _ in num_tokens], num_decodes=num_decodes,
                            sample_rows=list(range(len(num_tokens))), input_ids=[0] * total,
                            positions=[p for n in num_tokens for p in range(n)], slot_mapping=[-1] * total)
+
+
+def _compile_steps(num_slots: int, block_size: int) -> list[SchedulerOutput]:
+    """torch.compile's warm-up: a step of each shape its dynamic graphs specialise on (one token or
+    many; no sampled row, one or several: a chunk mid-prompt samples none). Every row's K/V go to the pool's first blocks, free at start-up."""
+    chunk = max(2, min(8, num_slots))
+    steps = []
+    for num_tokens, num_decodes, sample_rows in (([1], 1, [0]), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]),
+                                                 ([chunk], 0, []), ([1, chunk - 1], 1, [0, 1])):
+        tables = [list(range(-(-n // block_size))) for n in num_tokens]
+        steps.append(SchedulerOutput(
+            num_tokens=list(num_tokens), context_lens=list(num_tokens), block_tables=tables, num_decodes=num_decodes,
+            sample_rows=sample_rows, input_ids=[0] * sum(num_tokens),
+            positions=[p for n in num_tokens for p in range(n)],
+            slot_mapping=[p for n in num_tokens for p in range(n)]))   # block b holds slots b*bs..: p's slot is p
+    return steps
 
 
 def _last_token_indices(num_tokens: list[int]) -> list[int]:

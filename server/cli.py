@@ -148,6 +148,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--attention-backend", "paged attention: auto is the Triton kernels on CUDA, PyTorch on CPU",
              default="auto", choices=["auto", "torch", "triton"])
     add_switch(p, "--enforce-eager", "run decode steps eagerly, without the CUDA graphs captured at start-up")
+    add_switch(p, "--compile", "CPU: torch.compile the model at start-up (inductor, needs a C++ compiler; "
+               "falls back to eager if compiling fails)")
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
              default=1024, metavar="N")
     add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker kills "
@@ -228,7 +230,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-        cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode)
+        cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode, compile=args.compile)
 
 
 def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:

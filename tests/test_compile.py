@@ -1,0 +1,53 @@
+"""`compile=True` (`kvserve serve --compile`): the model runs through torch.compile on CPU. Greedy
+outputs still equal transformers' generate(), with batching, chunked prefill, prefix hits and
+preemption; every graph is compiled at start-up (nothing compiles while serving); a compiled graph
+that fails gives way to the eager model for good."""
+from __future__ import annotations
+
+import pytest
+
+from kvserve import LLM, SamplingParams
+from test_engine_equivalence import MAX_NEW, _greedy, _prompts, assert_matches, reference  # noqa: F401
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("tiny_arch", ["llama", "gemma2", "qwen3"])
+def test_compiled_model_equals_transformers(tiny_arch, tiny_model_factory, reference):  # noqa: F811
+    llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
+              compile=True)
+    runner = llm.engine.runner
+    assert runner.compiled is not None
+    compiled_at_start = _graphs_compiled()
+    prompts = _prompts(6, (9, 30, 41))
+    outputs = llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy())
+    assert_matches(tiny_arch, reference, prompts + prompts[:1], outputs)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
+    # prompt logprobs keep every prompt token's logits: one more shape, still no new graph
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    assert llm.generate([prompts[0]], params)[0].prompt_logprobs
+    assert _graphs_compiled() == compiled_at_start, "a graph compiled while serving"
+    assert runner.compiled is not None
+
+
+def test_a_failing_compiled_graph_gives_way_to_eager(tiny_model_factory, caplog):
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=64, compile=True)
+    prompt = _prompts(8, (12,))[0]
+    expected = llm.generate([prompt], _greedy())[0].token_ids
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor kernel failed")
+
+    llm.engine.runner.compiled = broken
+    assert llm.generate([prompt], _greedy())[0].token_ids == expected
+    assert llm.engine.runner.compiled is None
+    assert "serving eagerly from now on" in caplog.text
+
+
+def test_compile_is_refused_off_cpu(tiny_model_factory):
+    with pytest.raises(ValueError, match="compile is for CPU"):
+        LLM(tiny_model_factory("llama"), device="cuda", compile=True)
