@@ -9,6 +9,7 @@ shared by every layer (per sliding-window size).
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,7 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
     for g in groups:
         nb = nblocks[g[0]]
         blocks = [b for i in g for b in (meta.decode_tables[i][first[i]:first[i] + nblocks[i]] + [0] * (nb - nblocks[i]))]
+        # decode i is row i of the packed batch (decodes come first), so consecutive decodes are a slice
         rows = slice(g[0], g[0] + len(g)) if g == list(range(g[0], g[0] + len(g))) else meta.decode_index[g]
         spans = {(starts[i] - first[i] * bs, ctx[i] - first[i] * bs) for i in g}
         if len(spans) == 1:     # e.g. one row: slice the gathered keys instead of building a mask (no padding)
@@ -121,20 +123,21 @@ def _prefill_mask(p: PrefillSeq, window: int | None) -> tuple[int, torch.Tensor 
     return k_start, allowed
 
 
-_STEP_META: AttentionMetadata | None = None     # the step a compiled forward runs (see forward_context)
+_STEP = threading.local()      # .meta: the step a compiled forward runs, in this thread (see forward_context)
+uncompiled_calls = 0           # paged_attention calls without kv_meta that dynamo did not trace
 
 
 @contextlib.contextmanager
 def forward_context(meta: AttentionMetadata):
     """The metadata of the step a torch.compile'd forward runs. A compiled graph cannot take a Python
     object as an input, so its attention layers call the opaque op kvserve::paged_attention, which
-    finds the step's block tables here. The engine steps from one thread."""
-    global _STEP_META
-    _STEP_META = meta
+    finds the step's block tables here (per thread: two offline engines may step in two threads)."""
+    previous = getattr(_STEP, "meta", None)
+    _STEP.meta = meta
     try:
         yield
     finally:
-        _STEP_META = None
+        _STEP.meta = previous
 
 
 @torch.library.custom_op("kvserve::paged_attention", mutates_args=())
@@ -142,8 +145,9 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         scale: float, window: int, softcap: float) -> torch.Tensor:
     """paged_attention as one operator for torch.compile: it writes the step's K/V into the cache (not
     an argument: the compiler sees no mutation) and returns a new [1, T, H, D] tensor."""
-    assert _STEP_META is not None, "a compiled forward runs inside attention.forward_context(meta)"
-    return _paged(query, key, value, layer_idx, _STEP_META, scale, window or None, softcap or None)
+    meta = getattr(_STEP, "meta", None)
+    assert meta is not None, "a compiled forward runs inside attention.forward_context(meta)"
+    return _paged(query, key, value, layer_idx, meta, scale, window or None, softcap or None)
 
 
 @_paged_attention_op.register_fake
@@ -158,8 +162,11 @@ def paged_attention(module, query, key, value, attention_mask=None, scaling=None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     window = sliding_window if sliding_window and sliding_window > 0 else None
     if kv_meta is None:
-        if not torch.compiler.is_compiling() and _STEP_META is None:
-            raise RuntimeError("paged attention needs kv_meta (run the model through kvserve's runner)")
+        if not torch.compiler.is_compiling():      # a compiled model's frame that dynamo left eager
+            if getattr(_STEP, "meta", None) is None:
+                raise RuntimeError("paged attention needs kv_meta (run the model through kvserve's runner)")
+            global uncompiled_calls
+            uncompiled_calls += 1
         return _paged_attention_op(query, key, value, module.layer_idx, float(scale), window or 0,
                                    float(softcap or 0.0)), None
     return _paged(query, key, value, module.layer_idx, kv_meta, scale, window, softcap), None
@@ -181,7 +188,7 @@ def _paged(query, key, value, layer_idx: int, kv_meta: AttentionMetadata, scale:
     if not kv_meta.prefills and len(groups) == 1 and groups[0].rows == slice(0, q.shape[0]):
         # decodes only, one group in batch order (batch-1 decode): no scatter into an output buffer
         return _attend_decode(q, k_cache, v_cache, groups[0], scale, softcap).unsqueeze(0)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)    # contiguous (q is a transposed view)
     for i, p in enumerate(kv_meta.prefills):
         k_start, mask = kv_meta.prefill_mask(i, window)
         slots = p.slots[k_start:]

@@ -91,6 +91,8 @@ class EngineCore:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        if cfg.compile and loader.resolve_device(cfg.device).type != "cpu":   # before loading anything
+            raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
         model, self.tokenizer, self.model_config, device, dtype = loader.load(cfg)
         backend = select_backend(cfg.attention_backend, device)
         if cfg.cuda_graphs and backend.name != "triton":
@@ -108,8 +110,6 @@ class EngineCore:
                      self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
         self.runner = ModelRunner(model, self.kv_pool, backend)
         if cfg.compile:
-            if device.type != "cpu":
-                raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
             self.runner.compile()
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)

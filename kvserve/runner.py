@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from kvserve.cache import attention
 from kvserve.cache.attention import forward_context
 from kvserve.cache.backends import AttentionBackend
 from kvserve.cache.kv_pool import KVPool, upload
@@ -28,6 +29,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.warmup_variants: frozenset = frozenset()   # kernel variants launched by warmup()
         self.compiled = None                            # the torch.compile'd model, see compile()
+        self.warned_uncompiled = False
 
     def compile(self) -> bool:
         """torch.compile the model (inductor, dynamic shapes) and compile its graphs now, on synthetic
@@ -37,6 +39,9 @@ class ModelRunner:
         fused kernels and the per-module Python goes. Returns False, and leaves the model eager, when
         compiling fails (e.g. no C++ compiler on the host)."""
         t0 = time.perf_counter()
+        # dynamo keeps its graphs per code object, shared by every model in the process (the offline LLM,
+        # tests, benchmarks build several): past the limit it would run frames eagerly without a word
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compiled = torch.compile(self.model, dynamic=True)
         try:
             with torch.inference_mode():
@@ -96,11 +101,20 @@ class ModelRunner:
         position_ids = upload(step.positions, self.device)[None]
         logits_to_keep = upload(keep, self.device)
         if self.compiled is not None:
+            uncompiled = attention.uncompiled_calls
             try:
                 with forward_context(meta):
-                    return self.compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                         logits_to_keep=logits_to_keep).logits[0]
-            except Exception:
+                    logits = self.compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                           logits_to_keep=logits_to_keep).logits[0]
+                if attention.uncompiled_calls != uncompiled and not self.warned_uncompiled:
+                    self.warned_uncompiled = True
+                    log.warning("torch.compile ran part of the model eagerly (dynamo's recompile limit?): "
+                                "correct, but without the compiled speed")
+                return logits
+            except Exception as exc:
+                from kvserve.isolation import is_fatal
+                if is_fatal(exc):        # out of memory, a device fault: not the compiled graph's doing
+                    raise
                 # the eager forward decides: if it fails too, the step is at fault (kvserve.isolation
                 # finds its rows); if not, the compiled graph is, and it is dropped for good
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -171,7 +185,7 @@ def _compile_steps(num_slots: int, block_size: int) -> list[SchedulerOutput]:
     many; no sampled row, one or several: a chunk mid-prompt samples none). Every row's K/V go to the pool's first blocks, free at start-up."""
     chunk = max(2, min(8, num_slots))
     steps = []
-    for num_tokens, num_decodes, sample_rows in (([1], 1, [0]), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]),
+    for num_tokens, num_decodes, sample_rows in (([1], 1, [0]), ([1], 0, []), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]),
                                                  ([chunk], 0, []), ([1, chunk - 1], 1, [0, 1])):
         tables = [list(range(-(-n // block_size))) for n in num_tokens]
         steps.append(SchedulerOutput(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kvserve import LLM, SamplingParams
+from kvserve.cache import attention
 from test_engine_equivalence import MAX_NEW, _greedy, _prompts, assert_matches, reference  # noqa: F401
 
 
@@ -21,7 +22,7 @@ def test_compiled_model_equals_transformers(tiny_arch, tiny_model_factory, refer
               compile=True)
     runner = llm.engine.runner
     assert runner.compiled is not None
-    compiled_at_start = _graphs_compiled()
+    compiled_at_start, uncompiled_at_start = _graphs_compiled(), attention.uncompiled_calls
     prompts = _prompts(6, (9, 30, 41))
     outputs = llm.generate(prompts, _greedy()) + llm.generate(prompts[:1], _greedy())
     assert_matches(tiny_arch, reference, prompts + prompts[:1], outputs)
@@ -31,6 +32,7 @@ def test_compiled_model_equals_transformers(tiny_arch, tiny_model_factory, refer
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1)
     assert llm.generate([prompts[0]], params)[0].prompt_logprobs
     assert _graphs_compiled() == compiled_at_start, "a graph compiled while serving"
+    assert attention.uncompiled_calls == uncompiled_at_start, "dynamo ran part of the model eagerly"
     assert runner.compiled is not None
 
 
@@ -51,3 +53,18 @@ def test_a_failing_compiled_graph_gives_way_to_eager(tiny_model_factory, caplog)
 def test_compile_is_refused_off_cpu(tiny_model_factory):
     with pytest.raises(ValueError, match="compile is for CPU"):
         LLM(tiny_model_factory("llama"), device="cuda", compile=True)
+
+
+def test_a_device_fault_in_a_compiled_graph_keeps_it(tiny_model_factory):
+    """Out of memory is the step's or the host's trouble, not the graph's: re-raised, compile kept."""
+    from kvserve.runner import _compile_steps
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=64, compile=True)
+    runner = llm.engine.runner
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory left")
+
+    runner.compiled = out_of_memory
+    with pytest.raises(MemoryError):
+        runner.execute(_compile_steps(64 * 8, 8)[0])
+    assert runner.compiled is out_of_memory
