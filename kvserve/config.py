@@ -46,6 +46,7 @@ class EngineConfig:
     logprobs_mode: str = "raw"          # raw: log-softmax of the model's logits; processed: of what was sampled from
     cpu_weight_layout: str = "auto"     # CPU: auto lays each linear weight out as its BLAS runs fastest (measured
                                         # at load); "row": as stored
+    tensor_parallel_size: int = 1       # ranks the model is sharded over (kvserve.distributed); 1: one process
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError("cuda_graph_max_batch must be >= 1")
         if self.cpu_weight_layout not in ("auto", "row"):

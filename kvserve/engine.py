@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.profiler import record_function
 
-from kvserve import isolation, kv_sizing, loader
+from kvserve import distributed, isolation, kv_sizing, loader
 from kvserve.cache.backends import select_backend
 from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve.cache.kv_pool import KVPool, KVSpec, upload
@@ -91,13 +91,14 @@ class EngineCore:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        self.tp = distributed.launch(cfg)   # tensor parallel: the worker processes, None with one process
         model, self.tokenizer, self.model_config, device, dtype = loader.load(cfg)
         backend = select_backend(cfg.attention_backend, device)
         if cfg.cuda_graphs and backend.name != "triton":
             raise ValueError("cuda_graphs needs the Triton attention backend")
         capture = graphs_wanted(cfg.cuda_graphs, backend.name, device)
-        spec = KVSpec.for_model(self.model_config, cfg.block_size, dtype, device)
-        self.kv_pool = KVPool(spec, kv_sizing.num_kv_blocks(cfg, spec, model, capture),
+        spec = distributed.local_kv_spec(KVSpec.for_model(self.model_config, cfg.block_size, dtype, device), model)
+        self.kv_pool = KVPool(spec, distributed.agree(kv_sizing.num_kv_blocks(cfg, spec, model, capture)),
                               kv_sizing.num_host_blocks(cfg, spec))
         log.info("KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", self.kv_pool.num_blocks,
                  spec.block_size, self.kv_pool.num_blocks * spec.block_size, self.kv_pool.num_bytes / 2**20,
@@ -106,7 +107,8 @@ class EngineCore:
             log.info("KV host tier: %d blocks = %d tokens, %.1f MiB of %s host memory",
                      self.kv_pool.num_host_blocks, self.kv_pool.num_host_blocks * spec.block_size,
                      self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
-        self.runner = ModelRunner(model, self.kv_pool, backend)
+        self.runner = ModelRunner(model, self.kv_pool, backend) if self.tp is None else \
+            self.tp.runner(model, self.kv_pool, backend)
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(device, self.grammars, processed_logprobs=cfg.logprobs_mode == "processed")
