@@ -8,6 +8,7 @@ their ranks in their engine process and its one worker.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from kvserve import LLM, SamplingParams
 from kvserve.config import EngineConfig
+from kvserve.distributed import WorkerGroupError
 from test_engine_process import engine_children, gone
 from test_server_api import running_server, start_server, stop_server, wait_until
 
@@ -140,6 +142,19 @@ def test_cuda_device_checks(tiny_model_factory):
         distributed.check(EngineConfig(model="m", device="cpu", tensor_parallel_size=2), hf_config, 2)
 
 
+def test_a_dead_worker_fails_the_offline_engine(tiny_model_factory):
+    """Offline (no engine process to end) the next step raises instead of waiting on the lost rank."""
+    llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
+    try:
+        group = llm.engine.tp
+        group.procs[0].kill()
+        assert wait_until(lambda: group.error is not None, 10)
+        with pytest.raises(WorkerGroupError, match="worker rank 1 .* exited with status -9"):
+            llm.generate(prompts()[:1], params()[:1])
+    finally:
+        close(llm)
+
+
 # the server
 
 def worker_children(server_pid: int) -> list[int]:
@@ -246,3 +261,17 @@ def test_sigterm_drains_and_leaves_no_worker(tiny_model_factory, tmp_path):
         assert wait_until(lambda: gone(engine) and gone(worker), 10), "a process outlived the server"
     finally:
         stop_server(server)
+
+
+def test_tp_benchmark_runs_as_a_user_would(tmp_path):
+    """`kvserve bench tp` on the tiny model: sizes 1 and 2, their tokens/s, and the same tokens."""
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, "-m", "kvserve", "bench", "tp", "--model-shape", "tiny", "--num-requests", "4",
+           "--prompt-len", "8:16", "--output-len", "4:8"]
+    env = os.environ | {"KVSERVE_BENCH_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench-results" / "tp" / "tp.json").read_text())["results"]
+    assert set(results) == {"1", "2"} and all(r["outputs_equal_baseline"] for r in results.values())
+    assert all(r["output_tokens_per_s"] > 0 for r in results.values()) and "same tokens" in proc.stdout
