@@ -16,6 +16,7 @@ BENCHMARKS = {
     "served": "kvserve.bench.served",
     "decode-floor": "kvserve.bench.decode_floor",
     "structured": "kvserve.bench.structured",
+    "tp": "kvserve.bench.tp",
 }
 
 

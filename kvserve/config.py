@@ -47,6 +47,7 @@ class EngineConfig:
     cpu_weight_layout: str = "auto"     # CPU: auto lays each linear weight out as its BLAS runs fastest (measured
                                         # at load); "row": as stored
     compile: bool = False               # CPU: torch.compile the model at start-up (inductor; needs a C++ compiler)
+    tensor_parallel_size: int = 1       # ranks the model is sharded over (kvserve.distributed); 1: one process
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,12 +63,16 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError("cuda_graph_max_batch must be >= 1")
         if self.cpu_weight_layout not in ("auto", "row"):
             raise ValueError(f"cpu_weight_layout must be auto or row, got {self.cpu_weight_layout!r}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
+        if self.compile and self.tensor_parallel_size > 1:
+            raise ValueError("compile is not supported with tensor_parallel_size > 1 (the shards run eagerly)")
         if self.compile and self.device not in ("auto", "cpu"):
             raise ValueError(f"compile is for CPU (device {self.device!r}): on CUDA, decode steps run as CUDA graphs")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

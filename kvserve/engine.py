@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.profiler import record_function
 
-from kvserve import isolation, kv_sizing, loader
+from kvserve import distributed, isolation, kv_sizing, loader
 from kvserve.cache.backends import select_backend
 from kvserve.cache.kv_cache_manager import KVCacheManager
 from kvserve.cache.kv_pool import KVPool, KVSpec, upload
@@ -93,13 +93,14 @@ class EngineCore:
         self.cfg = cfg
         if cfg.compile and loader.resolve_device(cfg.device).type != "cpu":   # before loading anything
             raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
+        self.tp = distributed.launch(cfg)   # tensor parallel: the worker processes, None with one process
         model, self.tokenizer, self.model_config, device, dtype = loader.load(cfg)
         backend = select_backend(cfg.attention_backend, device)
         if cfg.cuda_graphs and backend.name != "triton":
             raise ValueError("cuda_graphs needs the Triton attention backend")
         capture = graphs_wanted(cfg.cuda_graphs, backend.name, device)
-        spec = KVSpec.for_model(self.model_config, cfg.block_size, dtype, device)
-        self.kv_pool = KVPool(spec, kv_sizing.num_kv_blocks(cfg, spec, model, capture),
+        spec = distributed.local_kv_spec(KVSpec.for_model(self.model_config, cfg.block_size, dtype, device), model)
+        self.kv_pool = KVPool(spec, distributed.agree(kv_sizing.num_kv_blocks(cfg, spec, model, capture)),
                               kv_sizing.num_host_blocks(cfg, spec))
         log.info("KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", self.kv_pool.num_blocks,
                  spec.block_size, self.kv_pool.num_blocks * spec.block_size, self.kv_pool.num_bytes / 2**20,
@@ -108,7 +109,8 @@ class EngineCore:
             log.info("KV host tier: %d blocks = %d tokens, %.1f MiB of %s host memory",
                      self.kv_pool.num_host_blocks, self.kv_pool.num_host_blocks * spec.block_size,
                      self.kv_pool.num_host_bytes / 2**20, "pinned" if device.type == "cuda" else "plain")
-        self.runner = ModelRunner(model, self.kv_pool, backend)
+        self.runner = ModelRunner(model, self.kv_pool, backend) if self.tp is None else \
+            self.tp.runner(model, self.kv_pool, backend)
         if cfg.compile:
             self.runner.compile()
         self.eos_token_ids = loader.eos_token_ids(model, self.tokenizer)

@@ -89,7 +89,9 @@ def _pdeathsig(sig: int) -> None:
 def main(cfg, commands: Connection, results: Connection, log_level: int) -> None:
     """The engine process: load, say ready (or why not), then serve commands until told to stop."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    from kvserve import distributed
     from kvserve.engine import EngineCore   # torch and transformers load here, in this process
+    distributed.exit_on_worker_death = True  # a dead tensor-parallel worker ends this process, so the API's too
     try:
         core = EngineCore(cfg)
     except BaseException as exc:   # noqa: BLE001 - every load failure goes back to the caller

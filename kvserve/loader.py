@@ -45,12 +45,18 @@ def load(cfg: EngineConfig):
     hf_config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision,
                                            trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg)
+    tensor_parallel = cfg.tensor_parallel_size > 1
+    if tensor_parallel:     # each rank loads its shard, as the model's tensor-parallel plan says (kvserve.distributed)
+        from transformers.distributed import DistributedConfig
+        placement = {"distributed_config": DistributedConfig(tp_size=cfg.tensor_parallel_size)}
+    else:
+        placement = {"device_map": str(device) if device.type == "cuda" else None}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, revision=cfg.revision, dtype=dtype, attn_implementation=ATTN_NAME,
-        trust_remote_code=cfg.trust_remote_code, device_map=str(device) if device.type == "cuda" else None)
-    model.to(device).eval()
+        trust_remote_code=cfg.trust_remote_code, **placement)
+    (model if tensor_parallel else model.to(device)).eval()
     _skip_padding_check(model)
-    if device.type == "cpu" and cfg.cpu_weight_layout == "auto":
+    if device.type == "cpu" and cfg.cpu_weight_layout == "auto" and not tensor_parallel:   # not on sharded weights
         tune_linear_layouts(model, decode_batch=min(cfg.max_num_seqs, 64))
     log.info("loaded %s in %.1fs: %s, %.1fM parameters (transformers %s)", cfg.model,
              time.perf_counter() - t0, type(model).__name__,

@@ -148,7 +148,7 @@ class ModelRunner:
         spec = self.kv_pool.spec
         cfg = self.model.config.get_text_config()
         num_heads = cfg.num_attention_heads
-        group = max(1, num_heads // spec.num_kv_heads)
+        group = max(1, num_heads // (getattr(cfg, "num_key_value_heads", None) or num_heads))   # per rank too
         prefill_lens = [q for _, q in ta.prefill_buckets(group, spec.dtype, spec.head_dim)]
         block_size = self.kv_pool.block_size
         split_width = -(-ta.WARMUP_SPLIT_CONTEXT // block_size)

@@ -128,6 +128,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--dtype", "weights and KV cache dtype; auto is bfloat16 on CUDA, float32 on CPU", default="auto",
              choices=["auto", "float32", "bfloat16", "float16"])
     add_flag(p, "--device", "auto, cpu, cuda or cuda:N", default="auto")
+    add_flag(p, "--tensor-parallel-size", "shard the model over N ranks with its tensor-parallel plan: N GPUs "
+             "(NCCL) or N processes on CPU (gloo); the server starts the N-1 worker processes itself", type=int,
+             default=1, metavar="N")
     add_flag(p, "--block-size", "tokens per KV block (a power of two)", type=int, default=16, metavar="N")
     add_flag(p, "--num-kv-blocks", "KV pool size in blocks (wins over the memory options)", type=int, metavar="N",
              unset="sized from memory")
@@ -230,7 +233,8 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-        cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode, compile=args.compile)
+        cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode, compile=args.compile,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:

@@ -68,3 +68,9 @@ def test_a_device_fault_in_a_compiled_graph_keeps_it(tiny_model_factory):
     with pytest.raises(MemoryError):
         runner.execute(_compile_steps(64 * 8, 8)[0])
     assert runner.compiled is out_of_memory
+
+
+def test_compile_with_tensor_parallel_is_refused():
+    from kvserve.config import EngineConfig
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(model="unused", compile=True, tensor_parallel_size=2)

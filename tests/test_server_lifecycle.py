@@ -53,7 +53,7 @@ SERVE_FLAGS = ("model", "host", "port", "served-model-name", "dtype", "device", 
                "kv-cache-memory", "kv-offload-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
                "max-model-len", "no-prefix-caching", "attention-backend", "enforce-eager", "compile", "max-waiting-requests",
                "shutdown-timeout", "sse-keepalive", "log-level", "api-key", "max-request-bytes",
-               "trust-request-chat-template", "tool-call-parser", "logprobs-mode")
+               "trust-request-chat-template", "tool-call-parser", "logprobs-mode", "tensor-parallel-size")
 
 
 def test_serve_help_names_flags_and_env_vars(tmp_path):
