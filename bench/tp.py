@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             elapsed, outputs[size] = _generate(llm, reqs, args.device)
         finally:
             if llm.engine.tp is not None:
-                llm.engine.tp.close()
+                llm.close()
         del llm
         free_memory()
         tokens = sum(len(ids) for ids in outputs[size])

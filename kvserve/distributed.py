@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -95,6 +96,11 @@ def launch(cfg: EngineConfig) -> WorkerGroup | None:
     if cfg.cuda_graphs:
         log.warning("CUDA graphs are off under tensor parallel: decode steps run eagerly on every rank")
     cfg.cuda_graphs = False
+    os.environ["LOCAL_RANK"] = "0"      # transformers puts a rank's shard on device LOCAL_RANK: this is rank 0
+    # the ranks talk over loopback only (gloo and NCCL's sockets would pick the hostname's interface);
+    # the workers inherit these
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     return WorkerGroup(cfg, "nccl" if cuda_devices else "gloo")
 
 
@@ -108,13 +114,20 @@ class WorkerGroup:
         self.closed = False
         self.procs: list[subprocess.Popen] = []
         self.pipes: list[Connection] = []
-        # the store's own port (0: the OS picks a free one), so no port is chosen and then lost to another process
-        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False)
+        # the store listens on a socket bound here, to loopback only (given a host, torch's store would still
+        # listen on every interface), on a port the OS picks and that is never free for another process to take
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            store = dist.TCPStore("127.0.0.1", listener.getsockname()[1], self.world_size, is_master=True,
+                                  wait_for_workers=False, master_listen_fd=listener.fileno())
+            listener.detach()           # the store owns the socket now, and closes it
+        threads = torch.get_num_threads()
         level = logging.getLogger("kvserve").getEffectiveLevel()
         try:
             for rank in range(1, self.world_size):
                 worker_cfg = dataclasses.replace(cfg, device=f"cuda:{rank}") if backend == "nccl" else cfg
-                self._start(rank, (worker_cfg, level, rank, self.world_size, store.port, backend))
+                self._start(rank, (worker_cfg, level, rank, self.world_size, store.port, backend, threads))
             for rank, proc in enumerate(self.procs, start=1):
                 threading.Thread(target=self._watch, args=(rank, proc), name=f"kvserve-tp-watch-{rank}",
                                  daemon=True).start()
@@ -122,9 +135,9 @@ class WorkerGroup:
         except BaseException:
             self.close()
             raise
-        self.threads = torch.get_num_threads()
+        self.threads = threads
         if backend == "gloo":   # the ranks share the host's cores
-            torch.set_num_threads(max(1, self.threads // self.world_size))
+            torch.set_num_threads(max(1, threads // self.world_size))
         atexit.register(self.close)
         log.info("tensor parallel: %d ranks over %s, %d worker processes (pids %s), %d torch threads each",
                  self.world_size, backend, len(self.procs), ", ".join(str(p.pid) for p in self.procs),
@@ -171,6 +184,14 @@ class WorkerGroup:
         except OSError as exc:
             raise WorkerGroupError(self.error or f"a tensor-parallel worker is gone: {exc}") from None
 
+    def fail(self, what: str, exc: BaseException) -> WorkerGroupError:
+        """Rank 0 broke off a step the workers run too: they may be waiting in one of its collectives, and
+        the next step's would pair with those. The group is stopped for good (workers killed)."""
+        self.error = f"a tensor-parallel {what} failed on rank 0: {type(exc).__name__}: {exc}"
+        log.error("%s: the workers are stopped", self.error)
+        self.close(timeout=0.5)
+        return WorkerGroupError(self.error)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers (stop message, then terminate, then kill) and leave the process group."""
         if self.closed:
@@ -210,15 +231,17 @@ class TensorParallelRunner(ModelRunner):
     def move_blocks(self, step: SchedulerOutput) -> None:
         if step.kv_moves:
             self.group.send(("moves", *step.kv_moves))
-        super().move_blocks(step)
+        try:
+            super().move_blocks(step)
+        except BaseException as exc:
+            raise self.group.fail("block moves", exc) from exc
 
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         self.group.send(("step", tuple(getattr(step, name) for name in STEP_FIELDS)))
         try:
             return super().execute(step)
-        except Exception as exc:
-            raise WorkerGroupError(f"a tensor-parallel forward failed on rank 0: {type(exc).__name__}: {exc}") \
-                from exc
+        except BaseException as exc:     # a Ctrl-C too: the workers may be inside the forward's collectives
+            raise self.group.fail("forward", exc) from exc
 
 
 def local_kv_spec(spec: KVSpec, model) -> KVSpec:
@@ -256,14 +279,14 @@ def _boot() -> None:
     pipe = Connection(int(sys.argv[2]), writable=False)
     _exit_with_parent(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole group: the API process decides
-    cfg, level, rank, world_size, port, backend = pickle.loads(pipe.recv_bytes())
+    cfg, level, rank, world_size, port, backend, threads = pickle.loads(pipe.recv_bytes())
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s[tp{rank}]: %(message)s")
     os.environ["LOCAL_RANK"] = str(rank)            # transformers puts rank r's shard on device r
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
         _init_process_group(backend, store, rank, world_size)
         if backend == "gloo":
-            torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+            torch.set_num_threads(max(1, threads // world_size))   # rank 0's count (set by the caller), shared
         runner = _build_runner(cfg)
         _serve(runner, pipe)
         dist.destroy_process_group()

@@ -94,14 +94,23 @@ class EngineCore:
         if cfg.compile and loader.resolve_device(cfg.device).type != "cpu":   # before loading anything
             raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
         self.tp = distributed.launch(cfg)   # tensor parallel: the worker processes, None with one process
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()      # no worker outlives a failed start
+            raise
+
+    def _build(self, cfg: EngineConfig) -> None:
         model, self.tokenizer, self.model_config, device, dtype = loader.load(cfg)
         backend = select_backend(cfg.attention_backend, device)
         if cfg.cuda_graphs and backend.name != "triton":
             raise ValueError("cuda_graphs needs the Triton attention backend")
         capture = graphs_wanted(cfg.cuda_graphs, backend.name, device)
         spec = distributed.local_kv_spec(KVSpec.for_model(self.model_config, cfg.block_size, dtype, device), model)
-        self.kv_pool = KVPool(spec, distributed.agree(kv_sizing.num_kv_blocks(cfg, spec, model, capture)),
-                              kv_sizing.num_host_blocks(cfg, spec))
+        num_blocks = kv_sizing.num_kv_blocks(cfg, spec, model, capture)
+        if self.tp is not None:      # the smallest pool any rank holds (never a collective without tensor parallel)
+            num_blocks = distributed.agree(num_blocks)
+        self.kv_pool = KVPool(spec, num_blocks, kv_sizing.num_host_blocks(cfg, spec))
         log.info("KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s)", self.kv_pool.num_blocks,
                  spec.block_size, self.kv_pool.num_blocks * spec.block_size, self.kv_pool.num_bytes / 2**20,
                  str(dtype).removeprefix("torch."), device)
@@ -136,6 +145,11 @@ class EngineCore:
         self.generation_tokens = 0
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         """fn(StepStats) after every step (from the thread that runs the engine)."""

@@ -12,22 +12,12 @@ import logging
 
 import torch
 
-from kvserve.runner import ModelRunner
+from kvserve.runner import ModelRunner, is_fatal
 from kvserve.sampler import Sampler
 from kvserve.scheduler.scheduler import SchedulerOutput
 from kvserve.scheduler.sequence import Sequence
 
 log = logging.getLogger("kvserve")
-
-_FATAL_MESSAGES = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "out of memory")
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Faults of the engine or the device, not of one request."""
-    if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    return any(text in str(exc) for text in _FATAL_MESSAGES)
-
 
 def execute(runner: ModelRunner, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[int], dict[int, Exception],
                                                                 dict[int, torch.Tensor]]:

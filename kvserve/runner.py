@@ -15,6 +15,15 @@ from kvserve.scheduler.scheduler import SchedulerOutput
 
 log = logging.getLogger("kvserve")
 
+_FATAL_MESSAGES = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "out of memory")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Faults of the engine or the device, not of one request (kvserve.isolation retries none of them)."""
+    if not isinstance(exc, Exception) or isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return any(text in str(exc) for text in _FATAL_MESSAGES)
+
 
 class ModelRunner:
     """Turns a SchedulerOutput into the logits of its sampling rows. It reads nothing but the
@@ -112,7 +121,6 @@ class ModelRunner:
                                 "correct, but without the compiled speed")
                 return logits
             except Exception as exc:
-                from kvserve.isolation import is_fatal
                 if is_fatal(exc):        # out of memory, a device fault: not the compiled graph's doing
                     raise
                 # the eager forward decides: if it fails too, the step is at fault (kvserve.isolation

@@ -8,7 +8,7 @@ import pytest
 
 from kvserve import LLM, SamplingParams
 from kvserve.cache import attention
-from test_engine_equivalence import MAX_NEW, _greedy, _prompts, assert_matches, reference  # noqa: F401
+from test_engine_equivalence import _greedy, _prompts, assert_matches, reference  # noqa: F401
 
 
 def _graphs_compiled() -> int:

@@ -61,7 +61,7 @@ def make_llm(path: str, tp: int, **kwargs) -> LLM:
 
 def close(llm: LLM) -> None:
     if llm.engine.tp is not None:
-        llm.engine.tp.close()
+        llm.close()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -153,6 +153,49 @@ def test_a_dead_worker_fails_the_offline_engine(tiny_model_factory):
             llm.generate(prompts()[:1], params()[:1])
     finally:
         close(llm)
+
+
+def test_a_failed_forward_on_rank_0_stops_the_group(tiny_model_factory):
+    """Rank 0 broke off a forward the worker may still be inside: the group is stopped, not reused."""
+    llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
+    try:
+        runner = llm.engine.runner
+
+        def interrupted(step):
+            raise KeyboardInterrupt
+
+        runner._forward = interrupted
+        with pytest.raises(WorkerGroupError, match="forward failed on rank 0: KeyboardInterrupt"):
+            llm.generate(prompts()[:1], params()[:1])
+        assert all(proc.poll() is not None for proc in llm.engine.tp.procs)
+        with pytest.raises(WorkerGroupError):
+            llm.generate(prompts()[:1], params()[:1])
+    finally:
+        close(llm)
+
+
+def test_the_ranks_listen_on_loopback_only(tiny_model_factory):
+    psutil = pytest.importorskip("psutil")
+    llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
+    try:
+        pids = [os.getpid()] + [proc.pid for proc in llm.engine.tp.procs]
+        listening = [c.laddr for pid in pids for c in psutil.Process(pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+    finally:
+        close(llm)
+
+
+def test_one_rank_never_joins_a_collective(tiny_model_factory, monkeypatch):
+    """A process that already has a process group (a trainer) builds a 1-rank engine without touching it."""
+    from kvserve import distributed
+
+    def collective(num_blocks):
+        raise AssertionError("a 1-rank engine ran a collective")
+
+    monkeypatch.setattr(distributed, "agree", collective)
+    llm = LLM(tiny_model_factory("llama"), device="cpu", num_kv_blocks=16)
+    assert llm.generate(prompts()[:1], params()[:1])[0].token_ids
 
 
 # the server
