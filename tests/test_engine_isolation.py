@@ -130,11 +130,12 @@ async def collect(engine: AsyncEngine, prompt, params, request_id=None):
 
 def test_a_duplicate_request_id_is_refused_and_the_first_caller_is_served(async_engine):
     async def scenario():
-        first = asyncio.ensure_future(collect(async_engine, "hello", greedy(40), request_id="same"))
-        await asyncio.sleep(0.05)
+        stream = async_engine.generate("hello", greedy(40), request_id="same")
+        outs = [await anext(stream)]       # the first request is running (no timing assumed)
+        assert not outs[0].finished
         with pytest.raises(InvalidRequestError, match="already in use"):
             await collect(async_engine, "other", greedy(), request_id="same")
-        outs = await first
+        outs += [out async for out in stream]
         assert outs[-1].finished and len(outs[-1].token_ids) == 40
     run(scenario())
 
