@@ -15,9 +15,10 @@ NAME = "cache-speedup"
 HELP = "one stream, short prompt, growing outputs: kvserve vs generate(use_cache=True) vs generate(use_cache=False)"
 SYSTEMS = ("kvserve", "kvserve_compiled", "generate_cache", "generate_no_cache")
 DEFAULT_SYSTEMS = ("kvserve", "generate_cache", "generate_no_cache")
-LABELS = {"kvserve": "kvserve", "kvserve_compiled": "kvserve compile=True", "generate_cache": "generate(use_cache=True)",
-          "generate_no_cache": "generate(use_cache=False)"}
-SHORT = {"kvserve": "kvserve", "kvserve_compiled": "compiled", "generate_cache": "cache", "generate_no_cache": "no-cache"}
+LABELS = {"kvserve": "kvserve", "kvserve_compiled": "kvserve compile=True",
+          "generate_cache": "generate(use_cache=True)", "generate_no_cache": "generate(use_cache=False)"}
+SHORT = {"kvserve": "kvserve", "kvserve_compiled": "compiled", "generate_cache": "cache",
+         "generate_no_cache": "no-cache"}
 log = logging.getLogger("kvserve.bench")
 
 

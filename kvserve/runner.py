@@ -190,11 +190,13 @@ def _synthetic_step(num_tokens: list[int], num_decodes: int, width: int) -> Sche
 
 def _compile_steps(num_slots: int, block_size: int) -> list[SchedulerOutput]:
     """torch.compile's warm-up: a step of each shape its dynamic graphs specialise on (one token or
-    many; no sampled row, one or several: a chunk mid-prompt samples none). Every row's K/V go to the pool's first blocks, free at start-up."""
+    many; no sampled row, one or several: a chunk mid-prompt samples none). Every row's K/V go to the
+    pool's first blocks, free at start-up."""
     chunk = max(2, min(8, num_slots))
     steps = []
-    for num_tokens, num_decodes, sample_rows in (([1], 1, [0]), ([1], 0, []), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]),
-                                                 ([chunk], 0, []), ([1, chunk - 1], 1, [0, 1])):
+    shapes = (([1], 1, [0]), ([1], 0, []), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]), ([chunk], 0, []),
+              ([1, chunk - 1], 1, [0, 1]))      # (tokens per row, decodes, sampled rows)
+    for num_tokens, num_decodes, sample_rows in shapes:
         tables = [list(range(-(-n // block_size))) for n in num_tokens]
         steps.append(SchedulerOutput(
             num_tokens=list(num_tokens), context_lens=list(num_tokens), block_tables=tables, num_decodes=num_decodes,
