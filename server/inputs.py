@@ -17,8 +17,8 @@ from kvserve import SamplingParams, StructuredOutput, check_structured
 from kvserve.server.errors import APIError
 from kvserve.server.grammars import response_format_spec, tgi_grammar_spec
 from kvserve.server.tools import ToolPlan, plan_tools, template_message
-from kvserve.server.schemas_openai import (MAX_PROMPTS, MAX_SEQUENCES, ChatCompletionRequest, CompletionRequest,
-                                           SamplingFields, TokenizeChatRequest)
+from kvserve.server.schemas_openai import (MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_SEQUENCES, ChatCompletionRequest,
+                                           CompletionRequest, SamplingFields, TokenizeChatRequest)
 from kvserve.server.schemas_tgi import DEFAULT_MAX_NEW_TOKENS, GenerateParameters, GenerateRequest
 from kvserve.server.serving import ServerState
 from kvserve.server.validation import (check_json_value, random_seed, reject_unknown, reject_unsupported,
@@ -269,7 +269,11 @@ def member_params(params: SamplingParams, j: int) -> SamplingParams:
 
 
 def logit_bias(bias: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
-    """OpenAI's {"token id": bias} with string keys, as SamplingParams' {id: bias}."""
+    """OpenAI's {"token id": bias} with string keys, as SamplingParams' {id: bias}. The count is checked
+    first: a body of hundreds of thousands of keys is refused before any is looked at."""
+    if bias and len(bias) > MAX_LOGIT_BIAS:
+        raise APIError("validation", f"{param} has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                       param=param)
     result = {}
     for key, value in (bias or {}).items():
         if not TOKEN_ID.fullmatch(key):

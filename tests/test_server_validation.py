@@ -115,6 +115,8 @@ TGI_OUT_OF_RANGE = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["x" * 1025]}, "stop"),
     ({"truncate": 0}, "truncate"), ({"best_of": 0}, "best_of"), ({"best_of": 2}, "best_of"),
     ({"temperature": "warm"}, "temperature"), ({"unknown_knob": 1}, "unknown_knob"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"five": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
 ]
 
 
