@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
             _generate(llm, warmup_slice(reqs, args.warmup), args.device)
             elapsed, outputs[size] = _generate(llm, reqs, args.device)
         finally:
-            if llm.engine.tp is not None:
-                llm.close()
+            llm.close()
         del llm
         free_memory()
         tokens = sum(len(ids) for ids in outputs[size])
