@@ -1,6 +1,9 @@
 """Incremental detokenization: exact text deltas, never a split multi-byte character, stop strings."""
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Callable
+
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 5  # prompt tokens decoded with the first output tokens so spacing comes out right
 
@@ -12,6 +15,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.vocab_limit = len(tokenizer)
+        self.backend_decode = _backend_decode(tokenizer)
         self.ids = [t for t in prompt_ids if self._known(t)][-PROMPT_CONTEXT:]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -20,6 +24,8 @@ class IncrementalDetokenizer:
         return 0 <= token_id < self.vocab_limit
 
     def _decode(self, ids: list[int]) -> str:
+        if self.backend_decode is not None:
+            return self.backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
@@ -40,6 +46,40 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix):] if full.startswith(prefix) else ""
+
+
+def _backend_decode(tokenizer) -> Callable[..., str] | None:
+    """The Rust tokenizer's decode where it returns exactly what
+    tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False) does, else None.
+
+    transformers 5's TokenizersBackend.decode only converts ids to a Python list (to_py_obj) and calls
+    _decode, which calls self._tokenizer.decode(ids, skip_special_tokens=...) and, with cleanup off,
+    returns that text as is. That wrapper costs ~15x the Rust call, twice per generated token. A class
+    (or instance) overriding decode or _decode (whisper, marian, mistral_common, ...) keeps the wrapper."""
+    if not _keeps_base_decode(type(tokenizer)):
+        return None
+    own = getattr(tokenizer, "__dict__", {})
+    if "decode" in own or "_decode" in own:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return backend.decode if isinstance(backend, Tokenizer) else None
+
+
+@lru_cache(maxsize=None)
+def _keeps_base_decode(cls: type) -> bool:
+    """Whether cls is a transformers TokenizersBackend with the base class's decode and _decode."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers version: its wrapper may do more, keep calling it
+        return False
+    base_decode = getattr(TokenizersBackend, "decode", None)
+    base_inner = TokenizersBackend.__dict__.get("_decode")  # the one that calls self._tokenizer.decode
+    return (issubclass(cls, TokenizersBackend) and base_decode is not None and base_inner is not None
+            and getattr(cls, "decode", None) is base_decode and getattr(cls, "_decode", None) is base_inner)
 
 
 class StopStringMatcher:
