@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bandwidth probe buffer (default: 1024 on CUDA, 256 on CPU)")
     g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block")
     g.add_argument("--enforce-eager", action="store_true", help="kvserve without CUDA graphs")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="kvserve schedules the next step while one runs (the step period is then the figure)")
     g.add_argument("--no-generate", action="store_true", help="skip transformers' generate() for scale")
 
 
@@ -83,18 +85,27 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.context + args.steps + 8
     llm = make_llm(path, args.device, args.dtype, block_size=args.block_size, max_num_seqs=8,
                    max_model_len=max_len, num_kv_blocks=4 * (-(-max_len // args.block_size)) + 4,
-                   cuda_graphs=False if args.enforce_eager else None)
+                   cuda_graphs=False if args.enforce_eager else None, async_scheduling=args.async_scheduling or None)
     runner = llm.engine.runner
     durations: list[float] = []
-    llm.engine.add_step_listener(lambda s: durations.append(s.duration) if s.num_prefill_tokens == 0 else None)
+    ends: list[float] = []     # when each decode step's tokens were in: their gaps are the time per token
+
+    def listen(stats) -> None:
+        if stats.num_prefill_tokens == 0:
+            durations.append(stats.duration)
+            ends.append(time.perf_counter())
+
+    llm.engine.add_step_listener(listen)
     rng = random.Random(args.seed)
     vocab = runner.vocab_size
     prompt = [rng.randrange(3, vocab) for _ in range(args.context)]
     llm.generate([prompt[: args.context // 2]], sampling_params(16))          # warm-up (kernels compile)
     durations.clear()
+    ends.clear()
     out = llm.generate([prompt], sampling_params(args.steps + 1))[0]
     assert len(out.token_ids) == args.steps + 1, out.finish_reason
     step = statistics.median(durations)
+    period = statistics.median(b - a for a, b in zip(ends, ends[1:]))
     # the KV read grows over the run; the middle step reads about the average
     need = bytes_per_step(runner.model, runner.model.config, args.context + args.steps // 2, args.block_size)
     floor = need["total"] / bandwidth
@@ -107,24 +118,29 @@ def run(args: argparse.Namespace) -> int:
         gen_ms = _generate_per_token(path, args, prompt) * 1e3
 
     rows = [["kvserve decode step (median)", step * 1e3, step / floor],
+            ["kvserve time per token (median gap)", period * 1e3, period / floor],
             ["floor: bytes / copy bandwidth", floor * 1e3, 1.0]]
     if gen_ms is not None:
         rows.append(["transformers generate() per token", gen_ms, gen_ms / 1e3 / floor])
     print()
     print_table(["", "ms", "x floor"], rows,
                 title=f"decode at batch 1: {args.model_shape}, {args.dtype} on {args.device}, context "
-                      f"{args.context}+{args.steps}, CUDA graphs {'on' if graphs else 'off'}")
+                      f"{args.context}+{args.steps}, CUDA graphs {'on' if graphs else 'off'}, async scheduling "
+                      f"{'on' if args.async_scheduling else 'off'}")
     print(f"bytes per step: weights {need['weights'] / 2**20:.1f} MiB + KV {need['kv'] / 2**20:.1f} MiB; copy "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
-    verdict = "meets" if step / floor <= TARGET else "misses"
-    print(f"kvserve: {step / floor:.2f}x the floor ({verdict} the {TARGET}x target)")
+    # the step's own time, or with async scheduling (steps overlap) the gap between tokens
+    figure = period if args.async_scheduling else step
+    verdict = "meets" if figure / floor <= TARGET else "misses"
+    print(f"kvserve: {figure / floor:.2f}x the floor ({verdict} the {TARGET}x target)")
     print(f"machine: {common.machine_line(machine)}")
     common.write_json(args.out_dir, NAME, {
         "benchmark": NAME, "machine": machine,
         "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},
         "workload": {"context": args.context, "steps": args.steps, "block_size": args.block_size},
-        "cuda_graphs": graphs, "copy_bandwidth_bytes_per_s": bandwidth, "bytes_per_step": need,
-        "step_s": {"median": step, **common.summarize(durations)}, "floor_s": floor, "x_floor": step / floor,
+        "cuda_graphs": graphs, "async_scheduling": args.async_scheduling, "copy_bandwidth_bytes_per_s": bandwidth,
+        "bytes_per_step": need, "step_s": {"median": step, **common.summarize(durations)}, "period_s": period,
+        "floor_s": floor, "x_floor": figure / floor,
         "target_x_floor": TARGET, "generate_per_token_s": None if gen_ms is None else gen_ms / 1e3,
     })
     return 0

@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, metavar="N", help="sequences per step")
     g.add_argument("--max-model-len", type=int, default=None, metavar="N", help="default: the engine's")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both)")
+    g.add_argument("--async-scheduling", action="store_true", help="schedule the next step while one runs (both)")
     g = p.add_argument_group("server and client")
     g.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                    help="pin the server, and the offline run, to these CPUs, e.g. 0 (default: no pinning)")
@@ -90,6 +91,8 @@ def engine_args(args, kv_blocks: int) -> dict:
     out = {k: v for k, v in out.items() if v is not None}
     if args.enforce_eager:
         out["cuda_graphs"] = False
+    if args.async_scheduling:
+        out["async_scheduling"] = True
     return out
 
 
@@ -98,6 +101,8 @@ def serve_flags(engine: dict) -> list[str]:
     for key, value in engine.items():
         if key == "cuda_graphs":
             flags += ["--enforce-eager"] if value is False else []
+        elif key == "async_scheduling":
+            flags += ["--async-scheduling"] if value else []
         else:
             flags += [ENGINE_FLAGS[key], str(value)]
     return flags

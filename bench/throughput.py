@@ -13,7 +13,7 @@ from kvserve.bench.peers import (RunResult, blocks_for, free_memory, hf_continuo
 
 NAME = "throughput"
 HELP = "output tokens/s of kvserve vs transformers generate() and generate_batch() on one workload"
-SYSTEMS = ("kvserve", "kvserve_compiled", "generate_batch", "generate")
+SYSTEMS = ("kvserve", "kvserve_compiled", "kvserve_async", "generate_batch", "generate")
 DEFAULT_SYSTEMS = ("kvserve", "generate_batch", "generate")
 TARGETS = {"generate": 3.0, "generate_batch": 1.5}         # CPU (issue 5)
 CUDA_TARGETS = {"generate": 15.0}                           # GPU, bf16 (issue 6; vLLM reports 14-24x)
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = common.add_workload_args(p)
     g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="LIST",
                    help=f"comma-separated systems, of {', '.join(SYSTEMS)} (kvserve_compiled: with compile=True, "
-                        "the model compiled at start-up, CPU only)")
+                        "the model compiled at start-up, CPU only; kvserve_async: with async_scheduling=True)")
     g = p.add_argument_group("systems")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="generate()'s static batch size")
     g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",
@@ -113,16 +113,17 @@ def compute_floor(path, reqs: list[Request], device: str, dtype: str, rows: int)
             "gemm": [rows, in_features, out_features]}
 
 
-def _kvserve(args, path, reqs: list[Request], kv_blocks: int, compile: bool = False):
+def _kvserve(args, path, reqs: list[Request], kv_blocks: int, system: str):
     max_len = max(len(r.prompt_token_ids) + r.max_tokens for r in reqs)
     return make_llm(path, args.device, args.dtype, block_size=args.block_size, num_kv_blocks=kv_blocks,
                     max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                    max_model_len=max_len, seed=args.seed, compile=compile or None)
+                    max_model_len=max_len, seed=args.seed, compile=system == "kvserve_compiled" or None,
+                    async_scheduling=system == "kvserve_async" or None)
 
 
 def _run_system(system: str, args, path, reqs: list[Request], kv_blocks: int) -> RunResult:
-    if system in ("kvserve", "kvserve_compiled"):
-        llm = _kvserve(args, path, reqs, kv_blocks, compile=system == "kvserve_compiled")
+    if system.startswith("kvserve"):
+        llm = _kvserve(args, path, reqs, kv_blocks, system)
         kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc=f"{system} warm-up")
         res = kvserve_generate(llm, reqs, args.device, desc=system)
         res.extra["engine_stats"] = _stats_dict(llm)

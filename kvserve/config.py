@@ -48,6 +48,7 @@ class EngineConfig:
                                         # at load); "row": as stored
     compile: bool = False               # CPU: torch.compile the model at start-up (inductor; needs a C++ compiler)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (kvserve.distributed); 1: one process
+    async_scheduling: bool = False      # schedule step n+1 while step n runs (on a forward thread)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -34,7 +34,7 @@ from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStat
 from kvserve.runner import ModelRunner
 from kvserve.sampler import Sampler
 from kvserve.scheduler.sampling_params import SamplingParams
-from kvserve.scheduler.scheduler import Scheduler
+from kvserve.scheduler.scheduler import Scheduler, SchedulerOutput
 from kvserve.scheduler.sequence import Sequence, SequenceStatus
 from kvserve.structured import GrammarCompiler, GrammarError
 
@@ -54,6 +54,18 @@ class CoreOutput(NamedTuple):
     top_logprobs: list[tuple[int, float]] | None = None   # the most likely tokens, when asked for
     # with the first token, when asked for: per prompt position (logprob, top pairs), None for the first
     prompt_logprobs: list[tuple[float, list | None] | None] | None = None
+
+
+class StepResult(NamedTuple):
+    """What a step's forward and sampling hand back to the engine thread (host values only)."""
+    rows: list[int]                     # the sampling rows that ran, in step order
+    samples: list                       # per such row: (token, logprob, top logprobs), or its own error
+    failed_rows: dict[int, Exception]   # rows whose forward failed alone
+
+
+def _init_forward_thread(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _compile_counter(backend_name: str) -> Callable[[], int]:
@@ -145,9 +157,16 @@ class EngineCore:
         self.generation_tokens = 0
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
+        self._unconfirmed: list[SchedulerOutput] = []   # steps scheduled (and advanced), not applied yet
+        self._inflight: tuple[SchedulerOutput, Future, float] | None = None   # launched, not applied yet
+        # (its initializer must not hold self: the thread would keep the engine, and its model, alive)
+        self._forward_thread = ThreadPoolExecutor(1, "kvserve-forward", _init_forward_thread, (self.runner.device,)) \
+            if cfg.async_scheduling else None
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        """Stop the forward thread and the tensor-parallel workers, if any (also done at interpreter exit)."""
+        if getattr(self, "_forward_thread", None) is not None:
+            self._forward_thread.shutdown(wait=True, cancel_futures=True)
         if self.tp is not None:
             self.tp.close()
 
@@ -219,11 +238,21 @@ class EngineCore:
             parent = self.requests.get(parent_id)
             alive = parent is not None and not parent.is_finished
             if alive and (parent.status is not SequenceStatus.RUNNING
-                          or parent.num_computed_tokens < parent.num_prompt_tokens - 1):
+                          or self._confirmed_tokens(parent) < parent.num_prompt_tokens - 1):
                 continue
             del self.forks[parent_id]
             for child in children:
                 self._queue(child, parent if alive else None)
+
+    def _confirmed_tokens(self, seq: Sequence) -> int:
+        """Its tokens whose K/V a finished forward wrote (num_computed_tokens also counts the steps
+        scheduled but not applied yet)."""
+        n = seq.num_computed_tokens
+        for sched in self._unconfirmed:
+            for s, count in zip(sched.seqs, sched.num_tokens):
+                if s is seq:
+                    n -= count
+        return n
 
     def _admit_compiled(self) -> list[CoreOutput]:
         """Schedule the structured requests whose grammar is ready, in arrival order; a grammar that
@@ -261,12 +290,17 @@ class EngineCore:
         return self._ended(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.compiling) or bool(self.forks)
+        return (self.scheduler.has_unfinished() or bool(self.compiling) or bool(self.forks)
+                or self._inflight is not None)
 
     # the step
     def step(self) -> list[CoreOutput]:
         """Schedule, run the forward, sample. A request whose rows break the forward or the sampling
-        fails alone (its output carries the error); the others are not disturbed."""
+        fails alone (its output carries the error); the others are not disturbed.
+
+        With async scheduling the forward runs on the forward thread: this schedules the next step
+        while the previous one runs, then waits for that one, applies its tokens, launches the next
+        and returns the outputs of the one it applied (the same outputs, one call later)."""
         t0 = time.perf_counter()
         outputs = []
         if self.forks:
@@ -276,11 +310,57 @@ class EngineCore:
             outputs = self._admit_compiled()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
-        if sched.kv_moves:      # queued copies run even if nothing was scheduled: none may be lost
+            self.scheduler.advance(sched)
+            self._unconfirmed.append(sched)
+        if self._forward_thread is not None:
+            return outputs + self._overlap(sched)
+        if not sched and not sched.kv_moves:
+            self._unconfirmed.remove(sched)
+            return outputs
+        # queued copies run even if nothing was scheduled: none may be lost
+        return outputs + self._apply(sched, self._run(sched), t0)
+
+    def _overlap(self, sched: SchedulerOutput) -> list[CoreOutput]:
+        """Async scheduling: `sched` was scheduled while the step in flight ran. Wait for that one,
+        apply its tokens, fill them into `sched` and launch it; return the applied step's outputs."""
+        outputs = []
+        if self._inflight is not None:
+            prev, future, launched = self._inflight
+            self._inflight = None
+            with record_function("kvserve::wait"):
+                result = future.result()     # a fault of the engine (isolation.is_fatal) raises here
+            outputs = self._apply(prev, result, launched)
+        if not sched and not sched.kv_moves:
+            self._unconfirmed.remove(sched)
+            return outputs
+        sched = self._resolve(sched)
+        self._inflight = (sched, self._forward_thread.submit(self._run, sched), time.perf_counter())
+        return outputs
+
+    def _resolve(self, sched: SchedulerOutput) -> SchedulerOutput:
+        """Fill in the pending tokens the step feeds, now appended, and leave out the rows of
+        sequences that ended meanwhile (EOS, a failure, an abort: their blocks are already freed)."""
+        for i, row in sched.pending_inputs:
+            seq, position = sched.seqs[row], sched.positions[i]
+            if position < len(seq.token_ids):
+                sched.input_ids[i] = seq.token_ids[position]
+        keep = [row for row, seq in enumerate(sched.seqs) if not seq.is_finished]
+        if len(keep) == len(sched.seqs):
+            return sched
+        self._unconfirmed.remove(sched)
+        kept = sched.select(keep)
+        kept.kv_moves = sched.kv_moves
+        self._unconfirmed.append(kept)
+        return kept
+
+    def _run(self, sched: SchedulerOutput) -> StepResult:
+        """The device's part of a step, reading nothing the engine thread changes meanwhile: block
+        copies, the forward, prompt logprobs, sampling. Returns host values only."""
+        if sched.kv_moves:
             with record_function("kvserve::move_blocks"):
                 self.runner.move_blocks(sched)
         if not sched:
-            return outputs
+            return StepResult([], [], {})
         with record_function("kvserve::execute"):
             logits, rows, failed_rows, prompt_logits = isolation.execute(self.runner, sched)
             if prompt_logits:
@@ -290,25 +370,35 @@ class EngineCore:
                     keep = [i for i, row in enumerate(rows) if row not in failed_here]
                     rows = [rows[i] for i in keep]
                     logits = logits[keep] if keep else None
-            for row, exc in failed_rows.items():
+            results = isolation.sample(self.sampler, logits, [sched.seqs[row] for row in rows]) if rows else []
+        return StepResult(rows, results, failed_rows)
+
+    def _apply(self, sched: SchedulerOutput, result: StepResult, t0: float) -> list[CoreOutput]:
+        """A step's results into the requests: failures, the prefix cache, the sampled tokens."""
+        self._unconfirmed.remove(sched)
+        if not sched:       # block copies only
+            return []
+        outputs = []
+        for row, exc in result.failed_rows.items():
+            if not sched.seqs[row].is_finished:     # not aborted while the step ran
                 outputs.append(self._fail(sched.seqs[row], exc))
-            sampled = [sched.seqs[row] for row in rows]
-            results = isolation.sample(self.sampler, logits, sampled) if rows else []
-        for seq, result in zip(sampled, results):
-            if isinstance(result, Exception):
-                outputs.append(self._fail(seq, result))
-        self.scheduler.update_computed(sched)
+        sampled = [sched.seqs[row] for row in result.rows]
+        for seq, token in zip(sampled, result.samples):
+            if isinstance(token, Exception) and not seq.is_finished:
+                outputs.append(self._fail(seq, token))
+        self.scheduler.publish(sched)
         if self.forks:
             self._fork_ready()
         self._check_compiles(sched)
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
         self.num_steps += 1
-        for seq, result in zip(sampled, results):
-            if isinstance(result, Exception):
+        for seq, sample in zip(sampled, result.samples):
+            seq.num_pending -= 1
+            if isinstance(sample, Exception) or seq.is_finished:   # failed, or aborted / stopped meanwhile
                 continue
             self.generation_tokens += 1
-            token, logprob, top = result
+            token, logprob, top = sample
             try:
                 self._append(seq, token, logprob)
             except GrammarError as exc:

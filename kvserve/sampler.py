@@ -102,7 +102,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[l
     if k:
         top_values, top_ids = logprobs_all.topk(k, dim=-1)
         parts += [top_ids.flatten().to(torch.float64), top_values.flatten().double()]
-    packed = torch.cat(parts).tolist()
+    packed = torch.cat(parts)
+    if packed.is_cuda:   # wait for the step's kernels without the GIL (the engine thread works meanwhile)
+        torch.cuda.current_stream(packed.device).synchronize()
+    packed = packed.tolist()
     tops: list = [None] * n
     if k:
         ids, values = packed[2 * n:2 * n + n * k], packed[2 * n + n * k:]

@@ -9,7 +9,7 @@ from kvserve.cache.kv_cache_manager import KVCacheManager, KVMoves, slot_mapping
 from kvserve.scheduler.sequence import Sequence, SequenceStatus
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class SchedulerOutput:
     """One step's work: everything the model runner learns about it.
 
@@ -28,6 +28,9 @@ class SchedulerOutput:
     positions: list[int] = field(default_factory=list)         # per token
     slot_mapping: list[int] = field(default_factory=list)      # per token: its K/V slot in the pool
     kv_moves: KVMoves = field(default_factory=lambda: KVMoves([], [], []))   # block copies, before the forward
+    # (input_ids index, row) of each row's pending token (sampled by the step still running): 0 here,
+    # set by the engine once that token is known (async scheduling), before the runner sees the step
+    pending_inputs: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -119,7 +122,11 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if seq.num_pending and self._pending_is_last(seq):
+                continue  # the token still being sampled ends it (by length): nothing more to compute
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:
+                continue
             if needs_prompt_logits(seq):
                 n = min(n, logit_budget)
                 if n == 0:
@@ -138,6 +145,8 @@ class Scheduler:
         preempted_now = any(s.status is SequenceStatus.WAITING for s in ordered)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break     # preempted while its token was being sampled: admitted once that token is in
             # prompt logprobs need every prompt position's logits: no prefix hit for such a request
             logits_wanted = needs_prompt_logits(seq)
             shared = self._fork_point(seq) if seq.fork_parent is not None else 0   # its prompt's blocks, shared
@@ -165,6 +174,10 @@ class Scheduler:
             budget -= n
         return self._output(scheduled)
 
+    def _pending_is_last(self, seq: Sequence) -> bool:
+        return (seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens
+                or seq.num_tokens >= self.max_model_len)
+
     def _output(self, scheduled: dict[Sequence, int]) -> SchedulerOutput:
         """Lay the step out for the runner: decodes first, then per-row and per-token lists."""
         out = SchedulerOutput(kv_moves=self.kv.take_moves())
@@ -180,11 +193,15 @@ class Scheduler:
             out.num_tokens.append(n)
             out.context_lens.append(end)
             out.block_tables.append(block_ids)
-            if end == len(seq.token_ids):
+            if end == seq.num_tokens:
                 out.sample_rows.append(row)
             if needs_prompt_logits(seq):
                 out.prompt_logprob_rows.append(row)
-            out.input_ids.extend(seq.token_ids[start:end])
+            ids = seq.token_ids[start:end]
+            if len(ids) < n:      # the pending token, last: the engine fills it in
+                out.pending_inputs.append((len(out.input_ids) + len(ids), row))
+                ids.append(0)
+            out.input_ids.extend(ids)
             out.positions.extend(range(start, end))
             out.slot_mapping.extend(slot_mapping(block_ids, block_size, start, end))
         return out
@@ -199,13 +216,21 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update_computed(self, out: SchedulerOutput) -> None:
-        """After the forward: advance num_computed_tokens and publish full blocks to the prefix cache."""
+    def advance(self, out: SchedulerOutput) -> None:
+        """Once a step is scheduled: its tokens count as computed (the next schedule starts after
+        them), and each sampling row's sequence has one more token pending until the engine appends
+        it (two at most: one step in flight, the next scheduled)."""
         for seq, n in zip(out.seqs, out.num_tokens):
-            if seq.is_finished:
-                continue   # failed during the step: its blocks are already freed, none is published
             seq.num_computed_tokens += n
-            self.kv.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        for row in out.sample_rows:
+            out.seqs[row].num_pending += 1
+
+    def publish(self, out: SchedulerOutput) -> None:
+        """After the step's forward: its sequences' full blocks go to the prefix cache (not those of
+        a sequence that failed, ended or was preempted meanwhile: it holds no blocks now)."""
+        for seq, context_len in zip(out.seqs, out.context_lens):
+            if seq.status is SequenceStatus.RUNNING:
+                self.kv.cache_full_blocks(seq.request_id, seq.token_ids, context_len)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         if seq.is_finished:

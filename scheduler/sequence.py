@@ -18,12 +18,17 @@ class Sequence:
 
     Chunked prefill, prefix hits and recompute after preemption all reduce to one rule:
     `num_computed_tokens` catches up with `len(token_ids)` a chunk at a time.
+
+    num_computed_tokens counts the tokens of every step scheduled so far, whether or not its forward
+    has finished; `num_pending` counts the tokens that scheduled steps sample and the engine has not
+    appended yet. With async scheduling the next step is scheduled before the last one's token is
+    known: its row feeds that pending token, filled in once it is appended (`num_tokens` counts it).
     """
 
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "status",
                  "num_computed_tokens", "num_cached_tokens", "finish_reason", "stop_reason",
                  "arrival_time", "first_scheduled_time", "output_logprobs", "eos_token_ids",
-                 "generator", "num_preemptions", "prompt_logprobs", "matcher", "fork_parent")
+                 "generator", "num_preemptions", "prompt_logprobs", "matcher", "fork_parent", "num_pending")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None):
@@ -46,9 +51,15 @@ class Sequence:
         self.prompt_logprobs: dict[int, tuple[float, list | None]] = {}
         self.matcher = None      # with params.structured: its grammar's state (kvserve.structured)
         self.fork_parent: Sequence | None = None   # shares this sequence's prompt blocks when admitted
+        self.num_pending = 0     # to be sampled by scheduled steps, not appended yet (at most 2)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens including the pending one: where the work to schedule ends."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
@@ -70,7 +81,7 @@ class Sequence:
         attention backends run them as single-token decodes, and the engine counts them as
         generation rather than prefill work.
         """
-        num_tokens = len(self.token_ids)
+        num_tokens = len(self.token_ids) + self.num_pending
         return self.num_computed_tokens == num_tokens - 1 and num_tokens > self.num_prompt_tokens
 
     @property

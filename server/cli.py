@@ -153,6 +153,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_switch(p, "--enforce-eager", "run decode steps eagerly, without the CUDA graphs captured at start-up")
     add_switch(p, "--compile", "CPU: torch.compile the model at start-up (inductor, needs a C++ compiler; "
                "falls back to eager if compiling fails)")
+    add_switch(p, "--async-scheduling", "schedule the next step while the forward of one runs (on a forward "
+               "thread); the outputs are the same, meant for GPUs")
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,
              default=1024, metavar="N")
     add_flag(p, "--shutdown-timeout", "seconds in-flight requests get to finish after SIGTERM (Docker kills "
@@ -234,7 +236,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
         cuda_graphs=False if args.enforce_eager else None, logprobs_mode=args.logprobs_mode, compile=args.compile,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, async_scheduling=args.async_scheduling)
 
 
 def engine_loader(config: Any, max_waiting_requests: int) -> Callable[[], Any]:

@@ -124,8 +124,10 @@ def test_the_runner_reads_only_the_scheduler_output(demo_model_dir):
         assert [s.is_decoding for s in step.seqs] == [True] * step.num_decodes + [False] * (
             len(step.seqs) - step.num_decodes)
         kinds.add((step.num_decodes > 0, step.num_decodes < len(step.seqs)))
-        engine.scheduler.update_computed(step)
+        engine.scheduler.advance(step)
+        engine.scheduler.publish(step)
         sampled = [step.seqs[row] for row in step.sample_rows]
         for seq, token in zip(sampled, engine.sampler(expected, sampled)[0]):
             seq.token_ids.append(token)
+            seq.num_pending -= 1
     assert (True, True) in kinds, "no step mixed decodes with prefill chunks"

@@ -1,5 +1,5 @@
 """Greedy outputs equal transformers' generate() token for token, for every tiny architecture,
-batched, with chunked prefill, with prefix-cache hits, and under preemption.
+batched, with chunked prefill, with prefix-cache hits, under preemption, and with async scheduling.
 
 Ties: at the first position where a sequence differs, the test accepts kvserve's token only if
 the reference logits of the two tokens are within TIE_TOLERANCE of each other (float32 sums in a
@@ -110,6 +110,21 @@ def test_preemption_recompute(tiny_arch, tiny_model_factory, reference):
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.blocks_used == 0 and stats.num_running == stats.num_waiting == 0
+
+
+@pytest.mark.parametrize("tiny_arch", sorted(ARCHITECTURES))
+def test_async_scheduling(tiny_arch, tiny_model_factory, reference):
+    """--async-scheduling (each step scheduled while the one before runs): chunked prefill, preemption,
+    then prefix hits on the first round's blocks."""
+    llm = LLM(tiny_model_factory(tiny_arch), block_size=8, num_kv_blocks=12, max_num_batched_tokens=13,
+              async_scheduling=True)
+    prompts = _prompts(5)
+    outputs = llm.generate(prompts, _greedy())
+    again = llm.generate(prompts[:2], _greedy())
+    assert_matches(tiny_arch, reference, prompts + prompts[:2], outputs + again)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
+    assert stats.blocks_used == 0 and not llm.engine.has_unfinished()
 
 
 @pytest.mark.parametrize("tiny_arch", ["llama", "gemma2", "mistral"])

@@ -88,10 +88,11 @@ def test_a_killed_engine_ends_the_server_non_zero(demo_model_dir, tmp_path):
         stop_server(server)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2"])
+@pytest.fixture(scope="module", params=[("llama",), ("gemma2",), ("llama", "--async-scheduling")],
+                ids=["llama", "gemma2", "llama-async-scheduling"])
 def arch_server(request, tiny_model_factory, tmp_path_factory):
-    path = tiny_model_factory(request.param)
-    with running_server(path, tmp_path_factory.mktemp("engine-proc") / "kvserve.log") as server:
+    path = tiny_model_factory(request.param[0])
+    with running_server(path, tmp_path_factory.mktemp("engine-proc") / "kvserve.log", *request.param[1:]) as server:
         yield path, server
 
 

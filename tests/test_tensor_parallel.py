@@ -83,6 +83,19 @@ def test_two_ranks_equal_one_greedy_and_seeded(arch, tiny_model_factory):
     assert stats.blocks_used == 0 and stats.num_running == stats.num_waiting == 0
 
 
+def test_two_ranks_with_async_scheduling_equal_one(tiny_model_factory):
+    """The forward thread drives the collectives of rank 0 (the workers see the same ordered steps)."""
+    path = tiny_model_factory("llama")
+    ref, _ = run_workload(make_llm(path, 1))
+    llm = make_llm(path, 2, async_scheduling=True)
+    try:
+        outs, stats = run_workload(llm)
+    finally:
+        close(llm)
+    assert_same(outs, ref)
+    assert stats.num_preemptions > 0 and stats.blocks_used == 0
+
+
 def test_block_moves_run_on_every_rank(tiny_model_factory):
     """The host tier's offloads and reloads and a fork's copy-on-write reach the worker's pool too."""
     path = tiny_model_factory("llama")
