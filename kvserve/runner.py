@@ -106,6 +106,12 @@ class ModelRunner:
         keep = [last_token_of_row[r] for r in step.sample_rows]
         for r in step.prompt_logprob_rows:
             keep.extend(range(last_token_of_row[r] - step.num_tokens[r] + 1, last_token_of_row[r] + 1))
+        # a compiled graph that keeps no logits (a lone chunk mid-prompt) would depend on none of the
+        # last layer's work: inductor drops it, and with it that layer's K/V writes (the attention op
+        # writes the cache unseen). Such a step keeps its last token's row, and drops it here.
+        keeps_none = not keep and self.compiled is not None
+        if keeps_none:
+            keep = [last_token_of_row[-1]]
         input_ids = upload(step.input_ids, self.device)[None]
         position_ids = upload(step.positions, self.device)[None]
         logits_to_keep = upload(keep, self.device)
@@ -119,7 +125,7 @@ class ModelRunner:
                     self.warned_uncompiled = True
                     log.warning("torch.compile ran part of the model eagerly (dynamo's recompile limit?): "
                                 "correct, but without the compiled speed")
-                return logits
+                return logits[:0] if keeps_none else logits
             except Exception as exc:
                 if is_fatal(exc):        # out of memory, a device fault: not the compiled graph's doing
                     raise
@@ -129,7 +135,7 @@ class ModelRunner:
                                  logits_to_keep=logits_to_keep, kv_meta=meta)
                 log.exception("a compiled forward failed where the eager one runs: serving eagerly from now on")
                 self.compiled = None
-                return out.logits[0]
+                return out.logits[0][:0] if keeps_none else out.logits[0]
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                          logits_to_keep=logits_to_keep, kv_meta=meta)
         return out.logits[0]
@@ -190,12 +196,12 @@ def _synthetic_step(num_tokens: list[int], num_decodes: int, width: int) -> Sche
 
 def _compile_steps(num_slots: int, block_size: int) -> list[SchedulerOutput]:
     """torch.compile's warm-up: a step of each shape its dynamic graphs specialise on (one token or
-    many; no sampled row, one or several: a chunk mid-prompt samples none). Every row's K/V go to the
-    pool's first blocks, free at start-up."""
+    many; one kept row or several; a chunk mid-prompt keeps its last row, see _forward). Every row's
+    K/V go to the pool's first blocks, free at start-up."""
     chunk = max(2, min(8, num_slots))
     steps = []
-    shapes = (([1], 1, [0]), ([1], 0, []), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]), ([chunk], 0, []),
-              ([1, chunk - 1], 1, [0, 1]))      # (tokens per row, decodes, sampled rows)
+    shapes = (([1], 1, [0]), ([1, 1], 2, [0, 1]), ([chunk], 0, [0]), ([1, chunk - 1], 1, [0, 1]))
+    # (tokens per row, decodes, sampled rows)
     for num_tokens, num_decodes, sample_rows in shapes:
         tables = [list(range(-(-n // block_size))) for n in num_tokens]
         steps.append(SchedulerOutput(

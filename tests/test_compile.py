@@ -36,6 +36,18 @@ def test_compiled_model_equals_transformers(tiny_arch, tiny_model_factory, refer
     assert runner.compiled is not None
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_lone_prompt_chunked_without_a_sampled_row(tiny_model_factory, reference, async_scheduling):  # noqa: F811
+    """A long prompt alone, in chunks that keep no logits: the compiled graph still runs (and writes
+    the K/V of) the last layer. Inductor used to drop that layer from such a graph, so the answer was
+    computed over a cache the last layer had never written."""
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=64, max_num_batched_tokens=16,
+              compile=True, async_scheduling=async_scheduling)
+    prompt = _prompts(9, (45,))[0]    # chunks of 16, 16 and 13 tokens: the first two sample nothing
+    assert_matches("llama", reference, [prompt], llm.generate([prompt], _greedy()))
+    assert llm.engine.runner.compiled is not None
+
+
 def test_a_failing_compiled_graph_gives_way_to_eager(tiny_model_factory, caplog):
     llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=64, compile=True)
     prompt = _prompts(8, (12,))[0]
