@@ -61,11 +61,19 @@ class StepResult(NamedTuple):
     rows: list[int]                     # the sampling rows that ran, in step order
     samples: list                       # per such row: (token, logprob, top logprobs), or its own error
     failed_rows: dict[int, Exception]   # rows whose forward failed alone
+    duration: float                     # seconds it took
 
 
 def _init_forward_thread(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)     # an indexed device (see _forward_device)
+
+
+def _forward_device(device: torch.device) -> torch.device:
+    """The device the forward thread makes current: CUDA's needs an index (auto and cuda have none)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _compile_counter(backend_name: str) -> Callable[[], int]:
@@ -149,18 +157,20 @@ class EngineCore:
         self.kv = KVCacheManager(self.kv_pool.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                  hash_seed=hashlib.blake2b(identity, digest_size=16).digest(),
                                  num_host_blocks=self.kv_pool.num_host_blocks)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+                                   confirmed_tokens=self._confirmed_tokens)
         self.requests: dict[str, Sequence] = {}
         self.compiling: dict[Sequence, Future] = {}   # structured requests whose grammar compiles, in order
-        self.forks: dict[str, list[Sequence]] = {}    # parent request id -> requests waiting to share its prompt
+        self.forks: dict[Sequence, list[Sequence]] = {}   # parent -> requests waiting to share its prompt
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self._unconfirmed: list[SchedulerOutput] = []   # steps scheduled (and advanced), not applied yet
-        self._inflight: tuple[SchedulerOutput, Future, float] | None = None   # launched, not applied yet
+        self._inflight: tuple[SchedulerOutput, Future] | None = None   # launched, not applied yet
         # (its initializer must not hold self: the thread would keep the engine, and its model, alive)
-        self._forward_thread = ThreadPoolExecutor(1, "kvserve-forward", _init_forward_thread, (self.runner.device,)) \
+        self._forward_thread = ThreadPoolExecutor(1, "kvserve-forward", _init_forward_thread,
+                                                  (_forward_device(self.runner.device),)) \
             if cfg.async_scheduling else None
         if cfg.async_scheduling and device.type == "cpu":
             log.warning("async scheduling on CPU: the forward holds the GIL for much of a step, so scheduling "
@@ -212,7 +222,7 @@ class EngineCore:
         try:
             if (parent is not None and parent is not seq and not parent.is_finished and len(prompt_ids) > 1
                     and parent.prompt_token_ids == seq.prompt_token_ids and params.prompt_logprobs is None):
-                self.forks.setdefault(parent.request_id, []).append(seq)
+                self.forks.setdefault(parent, []).append(seq)
             else:
                 self._queue(seq)
         except BaseException:
@@ -237,13 +247,12 @@ class EngineCore:
     def _fork_ready(self) -> None:
         """Queue the sequences waiting for a parent whose prompt (all but its last token) is computed,
         to share its blocks when admitted; a parent gone first leaves them to run alone."""
-        for parent_id, children in list(self.forks.items()):
-            parent = self.requests.get(parent_id)
-            alive = parent is not None and not parent.is_finished
+        for parent, children in list(self.forks.items()):
+            alive = not parent.is_finished
             if alive and (parent.status is not SequenceStatus.RUNNING
                           or self._confirmed_tokens(parent) < parent.num_prompt_tokens - 1):
                 continue
-            del self.forks[parent_id]
+            del self.forks[parent]
             for child in children:
                 self._queue(child, parent if alive else None)
 
@@ -303,7 +312,29 @@ class EngineCore:
 
         With async scheduling the forward runs on the forward thread: this schedules the next step
         while the previous one runs, then waits for that one, applies its tokens, launches the next
-        and returns the outputs of the one it applied (the same outputs, one call later)."""
+        and returns the outputs of the one it applied (the same outputs, one call later).
+
+        A step that breaks off (a fault of the engine, Ctrl-C) is undone before the error goes up:
+        the sequences of every step scheduled and not applied are preempted (they recompute), so a
+        caller that goes on stepping finds the engine consistent."""
+        try:
+            return self._step()
+        except BaseException:
+            self._roll_back()
+            raise
+
+    def _roll_back(self) -> None:
+        seqs = {seq: None for sched in self._unconfirmed for seq in sched.seqs}
+        self._unconfirmed.clear()
+        self._inflight = None    # a step still running on the forward thread ends there; later ones queue behind it
+        for seq in seqs:
+            seq.num_pending = 0
+            if seq.status is SequenceStatus.RUNNING:
+                self.scheduler.preempt(seq)
+            elif seq.status is SequenceStatus.WAITING:
+                seq.num_computed_tokens = 0
+
+    def _step(self) -> list[CoreOutput]:
         t0 = time.perf_counter()
         outputs = []
         if self.forks:
@@ -328,25 +359,25 @@ class EngineCore:
         apply its tokens, fill them into `sched` and launch it; return the applied step's outputs."""
         outputs = []
         if self._inflight is not None:
-            prev, future, launched = self._inflight
-            self._inflight = None
+            prev, future = self._inflight
             with record_function("kvserve::wait"):
                 result = future.result()     # a fault of the engine (isolation.is_fatal) raises here
-            outputs = self._apply(prev, result, launched)
+            self._inflight = None
+            outputs = self._apply(prev, result)
+        sched = self._resolve(sched)
         if not sched and not sched.kv_moves:
             self._unconfirmed.remove(sched)
             return outputs
-        sched = self._resolve(sched)
-        self._inflight = (sched, self._forward_thread.submit(self._run, sched), time.perf_counter())
+        self._inflight = (sched, self._forward_thread.submit(self._run, sched))
         return outputs
 
     def _resolve(self, sched: SchedulerOutput) -> SchedulerOutput:
         """Fill in the pending tokens the step feeds, now appended, and leave out the rows of
         sequences that ended meanwhile (EOS, a failure, an abort: their blocks are already freed)."""
         for i, row in sched.pending_inputs:
-            seq, position = sched.seqs[row], sched.positions[i]
-            if position < len(seq.token_ids):
-                sched.input_ids[i] = seq.token_ids[position]
+            seq = sched.seqs[row]
+            if not seq.is_finished:      # an unfinished row's token was appended: never feed a made-up one
+                sched.input_ids[i] = seq.token_ids[sched.positions[i]]
         keep = [row for row, seq in enumerate(sched.seqs) if not seq.is_finished]
         if len(keep) == len(sched.seqs):
             return sched
@@ -359,11 +390,12 @@ class EngineCore:
     def _run(self, sched: SchedulerOutput) -> StepResult:
         """The device's part of a step, reading nothing the engine thread changes meanwhile: block
         copies, the forward, prompt logprobs, sampling. Returns host values only."""
+        t0 = time.perf_counter()
         if sched.kv_moves:
             with record_function("kvserve::move_blocks"):
                 self.runner.move_blocks(sched)
         if not sched:
-            return StepResult([], [], {})
+            return StepResult([], [], {}, time.perf_counter() - t0)
         with record_function("kvserve::execute"):
             logits, rows, failed_rows, prompt_logits = isolation.execute(self.runner, sched)
             if prompt_logits:
@@ -374,10 +406,11 @@ class EngineCore:
                     rows = [rows[i] for i in keep]
                     logits = logits[keep] if keep else None
             results = isolation.sample(self.sampler, logits, [sched.seqs[row] for row in rows]) if rows else []
-        return StepResult(rows, results, failed_rows)
+        return StepResult(rows, results, failed_rows, time.perf_counter() - t0)
 
-    def _apply(self, sched: SchedulerOutput, result: StepResult, t0: float) -> list[CoreOutput]:
-        """A step's results into the requests: failures, the prefix cache, the sampled tokens."""
+    def _apply(self, sched: SchedulerOutput, result: StepResult, t0: float | None = None) -> list[CoreOutput]:
+        """The step's results into the requests: failures, the prefix cache, the sampled tokens. Its
+        StepStats duration: the whole step since t0, or (async) its forward thread's part."""
         self._unconfirmed.remove(sched)
         if not sched:       # block copies only
             return []
@@ -416,7 +449,8 @@ class EngineCore:
             outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
                                       seq.num_cached_tokens, seq.first_scheduled_time, None, top, prompt))
         if self.step_listeners:
-            stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), time.perf_counter() - t0)
+            duration = result.duration if t0 is None else time.perf_counter() - t0
+            stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), duration)
             for fn in self.step_listeners:
                 fn(stats)
         return outputs

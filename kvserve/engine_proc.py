@@ -152,7 +152,8 @@ def _loop(core, commands: Connection, results: Connection) -> None:
                     _send(results, ("step", outputs, core.stats(), None, adds_taken))
                     return
             changed = True
-        if snapshot_wanted:   # after this batch of commands, before the next step: never inside one
+        if snapshot_wanted:   # between two step() calls (with async scheduling, a forward may be running:
+            # the map is the scheduler's view, which counts that step's tokens as computed)
             # encoded here, in this process: a 100,000-block map costs the API process no GIL time
             t0 = time.perf_counter()
             try:

@@ -68,10 +68,11 @@ def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], logits_
         _bisect(runner, step, rows[half:], logits_by_row, prompt_by_row, failed)
         return
     logits, prompt = split(part, logits)
+    # copies: a decode-only part replays a CUDA graph, whose logits live in a buffer the next replay overwrites
     for i, part_row in enumerate(part.sample_rows):
-        logits_by_row[rows[part_row]] = logits[i]
+        logits_by_row[rows[part_row]] = logits[i].clone()
     for part_row, tokens in prompt.items():
-        prompt_by_row[rows[part_row]] = tokens
+        prompt_by_row[rows[part_row]] = tokens.clone()
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:

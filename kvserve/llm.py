@@ -32,7 +32,8 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:
-        """Stop the engine's tensor-parallel worker processes (a no-op with one process; done at exit anyway)."""
+        """Stop the engine's forward thread (async scheduling) and tensor-parallel worker processes, if
+        any (done at exit anyway)."""
         self.engine.close()
 
     def __enter__(self) -> LLM:

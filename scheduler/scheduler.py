@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvserve.cache.kv_cache_manager import KVCacheManager, KVMoves, slot_mapping
@@ -74,8 +75,11 @@ def needs_prompt_logits(seq: Sequence) -> bool:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, confirmed_tokens: Callable[[Sequence], int] | None = None):
         self.kv = kv
+        # a sequence's tokens whose K/V a finished forward wrote (num_computed_tokens also counts the
+        # steps scheduled and not done yet, see advance): what a fork may share
+        self.confirmed_tokens = confirmed_tokens or (lambda seq: seq.num_computed_tokens)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -102,7 +106,7 @@ class Scheduler:
         must be running with those tokens computed: it holds their blocks, so the first write into
         the shared partial block copies it."""
         parent, shared = seq.fork_parent, seq.num_prompt_tokens - 1
-        if (parent is None or parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared
+        if (parent is None or parent.status is not SequenceStatus.RUNNING or self.confirmed_tokens(parent) < shared
                 or shared < 1):
             return 0     # finished, or preempted: it computes its own prompt (prefix-cache hits help)
         self.kv.fork(parent.request_id, seq.request_id, shared)
@@ -133,7 +137,7 @@ class Scheduler:
                     continue
             while not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens, n):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 budget += scheduled.pop(victim, 0)
                 if victim is seq:
                     break
@@ -206,7 +210,7 @@ class Scheduler:
             out.slot_mapping.extend(slot_mapping(block_ids, block_size, start, end))
         return out
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
         """Recompute later: free its blocks, put it back at the head of the queue."""
         self.running.remove(seq)
         self.kv.free(seq.request_id)

@@ -136,3 +136,71 @@ def test_a_fault_of_the_engine_raises_from_the_step_that_waits_for_it(demo_model
     with pytest.raises(RuntimeError, match="broken"):
         for _ in range(2):      # the first call launches the step, the second waits for it
             llm.engine.step()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_step_broken_off_is_undone_and_the_engine_goes_on(demo_model_dir, monkeypatch, async_scheduling):
+    """Ctrl-C (or a fault of the engine) inside a step: the steps scheduled and not applied are
+    undone (their sequences recompute), so a caller that goes on stepping gets the same tokens."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm = LLM(demo_model_dir, block_size=8, num_kv_blocks=64, async_scheduling=async_scheduling)
+    expected = [o.token_ids for o in llm.generate(PROMPTS[:3], greedy)]
+    engine = llm.engine
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(prompt, greedy, request_id=str(i))
+    got: dict[str, list[int]] = {str(i): [] for i in range(3)}
+    for _ in range(4):
+        for out in engine.step():
+            got[out.request_id] += [t.id for t in out.new_tokens]
+    execute = engine.runner.execute
+
+    def interrupted(step):
+        monkeypatch.setattr(engine.runner, "execute", execute)   # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.runner, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(2):
+            engine.step()
+    assert all(seq.num_pending == 0 for seq in engine.requests.values())
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += [t.id for t in out.new_tokens]
+    assert [got[str(i)] for i in range(3)] == expected
+    assert engine.stats().blocks_used == 0 and engine.stats().num_preemptions > 0
+
+
+def test_a_fork_shares_only_blocks_a_finished_forward_wrote(demo_model_dir):
+    """One of n outputs takes its parent's prompt blocks once their K/V is written, not while the
+    step writing them runs (and may still fail)."""
+    from kvserve.scheduler.sequence import Sequence
+    llm = LLM(demo_model_dir, block_size=8, num_kv_blocks=64, async_scheduling=True)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request(PROMPTS[3], params, request_id="parent")
+    parent = engine.requests["parent"]
+
+    def fork_point() -> int:
+        child = Sequence("probe", parent.prompt_token_ids, params)
+        child.fork_parent = parent
+        shared = engine.scheduler._fork_point(child)
+        engine.kv.free("probe")
+        return shared
+
+    outs: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
+
+    step()                  # the parent's prompt: scheduled (counted as computed) and running
+    assert parent.num_computed_tokens == parent.num_prompt_tokens and engine._inflight is not None
+    assert fork_point() == 0
+    step()                  # that step applied (the next one runs)
+    assert fork_point() == parent.num_prompt_tokens - 1
+    engine.add_request(PROMPTS[3], params, request_id="child", parent_request_id="parent")
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
+    assert outs["child"] == outs["parent"] and len(outs["child"]) == 8      # greedy, one prompt
+    assert engine.stats().blocks_used == 0

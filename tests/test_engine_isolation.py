@@ -280,3 +280,42 @@ def test_a_death_listener_added_after_the_death_is_told_at_once(demo_model_dir):
     engine.add_death_listener(told.append)
     assert len(told) == 1 and told[0] is engine.dead_error
     engine.shutdown()
+
+
+def test_a_row_that_breaks_a_step_beside_graph_decodes_fails_alone(tiny_model_factory, monkeypatch):
+    """The retry by halves of a step whose decodes replay CUDA graphs: each replay writes its logits
+    into the graph's one output buffer, so the rows kept from an earlier half must be copies.
+    (Graphs are not captured on CPU: run() here returns its buffer's rows, as a replay does.)"""
+    pytest.importorskip("triton")
+    import torch
+
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=64, attention_backend="triton",
+              cuda_graphs=True, cuda_graph_max_batch=4)
+    graphs = llm.engine.runner.graphs
+    buffer = torch.empty(4, llm.engine.runner.vocab_size)
+    run = graphs.run
+
+    def replay_like(ids, *args):
+        logits = run(ids, *args)
+        buffer[:len(ids)] = logits
+        return buffer[:len(ids)]
+
+    monkeypatch.setattr(graphs, "run", replay_like)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    greedy6 = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, greedy6)]
+    poison = poison_forward(llm, monkeypatch, {t for p in prompts for t in p} | {t for e in expected for t in e})
+    engine = llm.engine
+    got: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, greedy6, request_id=str(i))
+    for _ in range(2):                      # the prefills, then decodes
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
+    engine.add_request([poison, 3, 4], greedy6, request_id="bad")   # a prefill beside three decodes
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
+            if out.request_id == "bad":
+                assert out.finish_reason == "error"
+    assert [got[str(i)] for i in range(3)] == expected
