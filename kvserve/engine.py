@@ -69,6 +69,12 @@ def _init_forward_thread(device: torch.device) -> None:
         torch.cuda.set_device(device)     # an indexed device (see _forward_device)
 
 
+def _log_abandoned(future: Future) -> None:
+    """A step left running by a rollback: its error has no caller left, so it is logged."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a step abandoned by a rollback failed: %r", future.exception())
+
+
 def _forward_device(device: torch.device) -> torch.device:
     """The device the forward thread makes current: CUDA's needs an index (auto and cuda have none)."""
     if device.type == "cuda" and device.index is None:
@@ -167,6 +173,7 @@ class EngineCore:
         self.num_steps = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self._unconfirmed: list[SchedulerOutput] = []   # steps scheduled (and advanced), not applied yet
+        self._outputs: list[CoreOutput] = []            # made by the step under way (see step)
         self._inflight: tuple[SchedulerOutput, Future] | None = None   # launched, not applied yet
         # (its initializer must not hold self: the thread would keep the engine, and its model, alive)
         self._forward_thread = ThreadPoolExecutor(1, "kvserve-forward", _init_forward_thread,
@@ -292,10 +299,12 @@ class EngineCore:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        waiting_fork = next((c for c in self.forks.values() if seq in c), None)
-        if waiting_fork is not None:
-            waiting_fork.remove(seq)
-        if waiting_fork is not None or self.compiling.pop(seq, None) is not None:
+        parent = next((p for p, children in self.forks.items() if seq in children), None)
+        if parent is not None:
+            self.forks[parent].remove(seq)
+            if not self.forks[parent]:
+                del self.forks[parent]
+        if parent is not None or self.compiling.pop(seq, None) is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         else:
             self.scheduler.finish(seq, "abort")
@@ -318,58 +327,69 @@ class EngineCore:
         the sequences of every step scheduled and not applied are preempted (they recompute), so a
         caller that goes on stepping finds the engine consistent."""
         try:
-            return self._step()
+            self._step()
         except BaseException:
             self._roll_back()
-            raise
+            raise     # the outputs made before it come with the next step
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
     def _roll_back(self) -> None:
-        seqs = {seq: None for sched in self._unconfirmed for seq in sched.seqs}
+        """Preempt the sequences of every step scheduled and not (wholly) applied, last admitted first
+        as the scheduler does, so each recomputes from its appended tokens. A step still running on the
+        forward thread ends there, before any later one. Block copies a step never ran were already
+        counted in the prefix cache's books: then its cached prefixes, in both tiers, are dropped."""
+        undone = {seq for sched in self._unconfirmed for seq in sched.seqs}
+        lost_moves = any(bool(sched.kv_moves) for sched in self._unconfirmed
+                         if self._inflight is None or sched is not self._inflight[0])
+        if self._inflight is not None:
+            self._inflight[1].add_done_callback(_log_abandoned)
         self._unconfirmed.clear()
-        self._inflight = None    # a step still running on the forward thread ends there; later ones queue behind it
-        for seq in seqs:
+        self._inflight = None
+        for seq in undone:
             seq.num_pending = 0
-            if seq.status is SequenceStatus.RUNNING:
-                self.scheduler.preempt(seq)
-            elif seq.status is SequenceStatus.WAITING:
+            if seq.status is SequenceStatus.WAITING:
                 seq.num_computed_tokens = 0
+        for seq in reversed([s for s in self.scheduler.running if s in undone]):
+            self.scheduler.preempt(seq)
+        if lost_moves:
+            log.warning("a step broke off before its KV block copies ran: the prefix cache is reset")
+            self.kv.reset_prefix_cache()
 
-    def _step(self) -> list[CoreOutput]:
+    def _step(self) -> None:
+        """One step; its outputs go to self._outputs as they are made (none is lost if it breaks off)."""
         t0 = time.perf_counter()
-        outputs = []
         if self.forks:
             self._fork_ready()
         if self.compiling:
             self.wait_for_grammars(0.005)    # blocks only while nothing else has work to step
-            outputs = self._admit_compiled()
+            self._outputs += self._admit_compiled()
         with record_function("kvserve::schedule"):
             sched = self.scheduler.schedule()
-            self.scheduler.advance(sched)
             self._unconfirmed.append(sched)
+            self.scheduler.advance(sched)
         if self._forward_thread is not None:
-            return outputs + self._overlap(sched)
+            return self._overlap(sched)
         if not sched and not sched.kv_moves:
             self._unconfirmed.remove(sched)
-            return outputs
+            return
         # queued copies run even if nothing was scheduled: none may be lost
-        return outputs + self._apply(sched, self._run(sched), t0)
+        self._apply(sched, self._run(sched), t0)
 
-    def _overlap(self, sched: SchedulerOutput) -> list[CoreOutput]:
+    def _overlap(self, sched: SchedulerOutput) -> None:
         """Async scheduling: `sched` was scheduled while the step in flight ran. Wait for that one,
-        apply its tokens, fill them into `sched` and launch it; return the applied step's outputs."""
-        outputs = []
+        apply its tokens (the outputs of this call), fill them into `sched` and launch it."""
         if self._inflight is not None:
             prev, future = self._inflight
             with record_function("kvserve::wait"):
                 result = future.result()     # a fault of the engine (isolation.is_fatal) raises here
             self._inflight = None
-            outputs = self._apply(prev, result)
+            self._apply(prev, result)
         sched = self._resolve(sched)
         if not sched and not sched.kv_moves:
             self._unconfirmed.remove(sched)
-            return outputs
+            return
         self._inflight = (sched, self._forward_thread.submit(self._run, sched))
-        return outputs
 
     def _resolve(self, sched: SchedulerOutput) -> SchedulerOutput:
         """Fill in the pending tokens the step feeds, now appended, and leave out the rows of
@@ -381,10 +401,9 @@ class EngineCore:
         keep = [row for row, seq in enumerate(sched.seqs) if not seq.is_finished]
         if len(keep) == len(sched.seqs):
             return sched
-        self._unconfirmed.remove(sched)
         kept = sched.select(keep)
         kept.kv_moves = sched.kv_moves
-        self._unconfirmed.append(kept)
+        self._unconfirmed[self._unconfirmed.index(sched)] = kept
         return kept
 
     def _run(self, sched: SchedulerOutput) -> StepResult:
@@ -408,13 +427,14 @@ class EngineCore:
             results = isolation.sample(self.sampler, logits, [sched.seqs[row] for row in rows]) if rows else []
         return StepResult(rows, results, failed_rows, time.perf_counter() - t0)
 
-    def _apply(self, sched: SchedulerOutput, result: StepResult, t0: float | None = None) -> list[CoreOutput]:
-        """The step's results into the requests: failures, the prefix cache, the sampled tokens. Its
-        StepStats duration: the whole step since t0, or (async) its forward thread's part."""
-        self._unconfirmed.remove(sched)
+    def _apply(self, sched: SchedulerOutput, result: StepResult, t0: float | None = None) -> None:
+        """The step's results into the requests (outputs to self._outputs): failures, the prefix cache,
+        the sampled tokens. It stays unconfirmed until all are in (undone whole if this breaks off).
+        Its StepStats duration: the whole step since t0, or (async) its forward thread's part."""
         if not sched:       # block copies only
-            return []
-        outputs = []
+            self._unconfirmed.remove(sched)
+            return
+        outputs = self._outputs
         for row, exc in result.failed_rows.items():
             if not sched.seqs[row].is_finished:     # not aborted while the step ran
                 outputs.append(self._fail(sched.seqs[row], exc))
@@ -423,8 +443,6 @@ class EngineCore:
             if isinstance(token, Exception) and not seq.is_finished:
                 outputs.append(self._fail(seq, token))
         self.scheduler.publish(sched)
-        if self.forks:
-            self._fork_ready()
         self._check_compiles(sched)
         num_prefill_tokens = sched.total_tokens - sched.num_decodes
         self.prompt_tokens += num_prefill_tokens
@@ -448,12 +466,14 @@ class EngineCore:
                 seq.prompt_logprobs = {}     # sent: not kept for the request's life
             outputs.append(CoreOutput(seq.request_id, token, logprob, seq.finish_reason, seq.stop_reason,
                                       seq.num_cached_tokens, seq.first_scheduled_time, None, top, prompt))
+        self._unconfirmed.remove(sched)
+        if self.forks:
+            self._fork_ready()
         if self.step_listeners:
             duration = result.duration if t0 is None else time.perf_counter() - t0
             stats = StepStats(num_prefill_tokens, sched.num_decodes, len(sched.seqs), duration)
             for fn in self.step_listeners:
                 fn(stats)
-        return outputs
 
     def _record_prompt_logprobs(self, sched, prompt_logits: dict) -> dict[int, Exception]:
         """Each prompt position's logprob under the model's unprocessed distribution (and its most

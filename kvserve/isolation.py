@@ -71,8 +71,8 @@ def _bisect(runner: ModelRunner, step: SchedulerOutput, rows: list[int], logits_
     # copies: a decode-only part replays a CUDA graph, whose logits live in a buffer the next replay overwrites
     for i, part_row in enumerate(part.sample_rows):
         logits_by_row[rows[part_row]] = logits[i].clone()
-    for part_row, tokens in prompt.items():
-        prompt_by_row[rows[part_row]] = tokens.clone()
+    for part_row, tokens in prompt.items():     # prompt rows never run as a graph
+        prompt_by_row[rows[part_row]] = tokens
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:

@@ -178,7 +178,8 @@ class EngineMetrics:
         self.step_tokens = hist("kvserve_step_tokens", "Tokens (prefill + decode) computed per engine step.",
                                 STEP_TOKEN_BUCKETS)
         self.step_seqs = hist("kvserve_step_seqs", "Sequences in the batch per engine step.", STEP_TOKEN_BUCKETS)
-        self.step_duration = hist("kvserve_step_duration_seconds", "Wall time of one engine step.",
+        self.step_duration = hist("kvserve_step_duration_seconds", "Wall time of one engine step (with async "
+                                  "scheduling: of its forward and sampling, on the forward thread).",
                                   STEP_SECONDS_BUCKETS)
 
     # the engine's reader thread

@@ -161,8 +161,10 @@ def test_a_step_broken_off_is_undone_and_the_engine_goes_on(demo_model_dir, monk
     monkeypatch.setattr(engine.runner, "execute", interrupted)
     with pytest.raises(KeyboardInterrupt):
         for _ in range(2):
-            engine.step()
+            for out in engine.step():
+                got[out.request_id] += [t.id for t in out.new_tokens]
     assert all(seq.num_pending == 0 for seq in engine.requests.values())
+    assert engine._inflight is None and not engine._unconfirmed
     while engine.has_unfinished():
         for out in engine.step():
             got[out.request_id] += [t.id for t in out.new_tokens]
@@ -204,3 +206,36 @@ def test_a_fork_shares_only_blocks_a_finished_forward_wrote(demo_model_dir):
             outs.setdefault(out.request_id, []).extend(t.id for t in out.new_tokens)
     assert outs["child"] == outs["parent"] and len(outs["child"]) == 8      # greedy, one prompt
     assert engine.stats().blocks_used == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_outputs_made_before_a_step_breaks_off_come_with_the_next(demo_model_dir, async_scheduling):
+    """A step listener that raises after the step's tokens are in: those tokens are not lost, the
+    next step() returns them, and every request ends with the tokens it would have had."""
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    llm = LLM(demo_model_dir, block_size=8, num_kv_blocks=64, async_scheduling=async_scheduling)
+    expected = [o.token_ids for o in llm.generate(PROMPTS[:3], greedy)]
+    engine = llm.engine
+    calls = []
+
+    def listener(stats):
+        calls.append(stats)
+        if len(calls) == 3:
+            raise RuntimeError("a listener broke")
+
+    engine.add_step_listener(listener)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(prompt, greedy, request_id=str(i))
+    got: dict[str, list[int]] = {str(i): [] for i in range(3)}
+    raised = 0
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except RuntimeError:
+            raised += 1
+            continue
+        for out in outs:
+            got[out.request_id] += [t.id for t in out.new_tokens]
+    assert raised == 1
+    assert [got[str(i)] for i in range(3)] == expected
+    assert engine.stats().blocks_used == 0 and not engine._outputs

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 18 in one run of about 8 minutes on an H200: the CUDA tests, then the
+# figures with async scheduling off and on. Each step is bounded by `timeout`, so one that hangs
+# costs its budget and the rest still run; logs go to $OUT (default ./gpu-out).
+#
+# Run from the repository root on the GPU host, with kvserve and its dependencies installed, or
+# with their wheels in .whl/ (built where pip works: `pip wheel --no-deps . -w .whl`, plus fastapi,
+# starlette, uvicorn, pydantic, pydantic-core, prometheus-client, opentelemetry-api, ... for the
+# host's Python): they are installed to /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+SHAPE=${SHAPE:-qwen2.5-0.5b}
+BENCH=${BENCH:-/tmp/gpu-bench}   # the benches' JSON and plots (the logs in $OUT hold their tables)
+step() {   # step SECONDS LOGNAME COMMAND...: run, bounded, and say how it ended
+    local limit=$1 log=$2
+    shift 2
+    local t0=$SECONDS
+    echo "== $* (limit ${limit}s)" | tee -a "$OUT/$log"
+    timeout "$limit" "$@" >>"$OUT/$log" 2>&1
+    echo "== exit $? after $((SECONDS - t0))s" | tee -a "$OUT/$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep 'Model name'; git log -1 --oneline
+  python3 -c 'import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)'
+} >"$OUT/env.txt" 2>&1
+
+# kernels (empty Triton cache: every compile counted), the engine against transformers on CUDA
+step 170 tests.log python3 -m pytest -q -p no:randomly -x tests/test_triton_kernels.py tests/test_triton_variants.py \
+    tests/test_decode_graphs.py tests/test_async_scheduling.py "tests/test_engine_equivalence.py::test_async_scheduling" \
+    "tests/test_engine_equivalence.py::test_batched" "tests/test_engine_equivalence.py::test_preemption_recompute"
+
+# batch-1 decode: CUDA graphs, then with async scheduling (time per token), then eager
+step 50 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
+    --out-dir "$BENCH/df-sync"
+step 40 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
+    --async-scheduling --out-dir "$BENCH/df-async"
+
+# offline throughput, both modes in one run
+step 90 throughput.log python3 -m kvserve.bench throughput --device cuda --model-shape "$SHAPE" --num-requests 64 \
+    --systems kvserve,kvserve_async --out-dir "$BENCH/tp"
+
+# served vs offline, TTFT and probes under 128 streams, both modes
+step 75 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
+    --out-dir "$BENCH/served-sync"
+step 75 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
+    --async-scheduling --out-dir "$BENCH/served-async"
+grep -h "passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|probe p99\|TTFT\|kvserve_async\|^kvserve " \
+    "$OUT"/*.log >"$OUT/summary.txt" 2>/dev/null
+cat "$OUT/summary.txt"
