@@ -180,9 +180,14 @@ class EngineRequest:
 
 
 async def collect_outputs(state: ServerState, outputs: AsyncIterator[RequestOutput | None],
-                          http_request: Request) -> dict[str, tuple[RequestOutput, list[TokenInfo]]] | None:
+                          http_request: Request, abort: Callable[[], None]
+                          ) -> dict[str, tuple[RequestOutput, list[TokenInfo]]] | None:
     """Run outputs to their end: per request id its final output and every token; None if the client
-    disconnected first (the requests are then aborted). Raises the APIError of a failed or aborted one."""
+    disconnected first: `abort()` then ends the requests. Raises the APIError of a failed or aborted one.
+
+    The abort does not rest on cancelling the reader: Python 3.11's asyncio.wait_for (in
+    RequestGroup.outputs) can swallow a cancel that lands as an output arrives, and the requests then
+    ran to their end for a client long gone."""
     results: dict[str, tuple[RequestOutput, list[TokenInfo]]] = {}
 
     async def consume() -> None:
@@ -194,15 +199,19 @@ async def collect_outputs(state: ServerState, outputs: AsyncIterator[RequestOutp
 
     task = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(wait_disconnected(http_request))
+    gone = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        gone = watcher.done() and not watcher.cancelled() and watcher.exception() is None
         watcher.cancel()
+        if gone or not task.done():
+            abort()       # before waiting for the reader: its outputs end with the abort
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-    if task.cancelled():
+    if gone or task.cancelled():
         return None
     task.result()
     for final, _ in results.values():
@@ -272,7 +281,7 @@ class RequestGroup:
 
     async def collect(self, http_request: Request) -> list[tuple[RequestOutput, list[TokenInfo]]] | None:
         """Each member's final output and tokens, in member order (see collect_outputs)."""
-        results = await collect_outputs(self.state, self.outputs(), http_request)
+        results = await collect_outputs(self.state, self.outputs(), http_request, self.close)
         return None if results is None else [results[m.request_id] for m in self.members]
 
     def close(self, record: bool = True) -> None:
