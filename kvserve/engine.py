@@ -342,7 +342,7 @@ class EngineCore:
         undone = {seq for sched in self._unconfirmed for seq in sched.seqs}
         lost_moves = any(bool(sched.kv_moves) for sched in self._unconfirmed
                          if self._inflight is None or sched is not self._inflight[0])
-        if self._inflight is not None:
+        if self._inflight is not None and not self._inflight[1].done():   # (a done one's error is the one raised)
             self._inflight[1].add_done_callback(_log_abandoned)
         self._unconfirmed.clear()
         self._inflight = None

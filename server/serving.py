@@ -341,8 +341,7 @@ def get_state(request: Request) -> ServerState:
 
 async def wait_disconnected(request: Request) -> None:
     """Return once the client has gone away. The body is read by now, so the server's next message
-    for this request is http.disconnect: waited for, not polled (a poll every 0.2 s let short
-    requests finish before their client's departure was seen)."""
+    for this request is http.disconnect: waited for at no cost, not polled."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
