@@ -19,7 +19,7 @@ except ModuleNotFoundError as exc:   # the repository's bare kvserve/ folder sha
 __version__ = "0.1.0"
 __all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "InvalidRequestError", "KVServeError", "LLM", "LLMEngine", "PromptTooLongError", "RequestMetrics",
-           "RequestOutput", "SamplingParams", "StepStats", "StructuredOutput", "TokenInfo", "__version__",
+           "RequestOutput", "RequestStream", "SamplingParams", "StepStats", "StructuredOutput", "TokenInfo", "__version__",
            "check_structured"]
 
 
@@ -37,6 +37,9 @@ def __getattr__(name: str):
     if name == "AsyncEngine":
         from kvserve.async_engine import AsyncEngine
         return AsyncEngine
+    if name == "RequestStream":
+        from kvserve.async_engine import RequestStream
+        return RequestStream
     if name == "LLMEngine":
         from kvserve.engine import LLMEngine
         return LLMEngine

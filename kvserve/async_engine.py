@@ -44,14 +44,20 @@ KV_SNAPSHOT_COST_FACTOR = 20   # ... and 20x its build time: watching it costs t
 class _Stream:
     """One request's outputs on their way to its caller. Outputs that arrive before the caller
     reads merge into one: a caller k steps behind reads one output carrying k tokens, so a busy
-    server writes to each client once per read instead of once per token."""
-    __slots__ = ("loop", "items", "waiter", "ended")
+    server writes to each client once per read instead of once per token.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    With `quiet_after`, a reader waiting that long since the last output (or keep-alive) is woken
+    with _QUIET. One timer per stream, re-armed only when it fires: an output costs no timer."""
+    __slots__ = ("loop", "items", "waiter", "ended", "quiet_after", "last", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, quiet_after: float | None = None):
         self.loop = loop
         self.items: list = []
         self.waiter: asyncio.Future | None = None
         self.ended = False
+        self.quiet_after = quiet_after or None
+        self.last = loop.time()                 # when the reader last had news (an output or a keep-alive)
+        self.timer: asyncio.TimerHandle | None = None
 
     def put(self, item) -> None:
         """On the caller's loop: an output (merged into one still unread) or an exception. Nothing
@@ -65,28 +71,80 @@ class _Stream:
             last.merge(item)
         else:
             self.items.append(item)
+        if self.quiet_after is not None:
+            self.last = self.loop.time()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self, quiet_after: float | None):
-        """The next item; _QUIET if `quiet_after` seconds pass without one (nothing is cancelled)."""
+    async def get(self):
+        """The next item; _QUIET once `quiet_after` seconds pass with nothing new (nothing is cancelled)."""
         if not self.items:
             self.waiter = self.loop.create_future()
-            timer = self.loop.call_later(quiet_after, _wake, self.waiter) if quiet_after else None
+            if self.quiet_after is not None and self.timer is None:
+                self.timer = self.loop.call_at(self.last + self.quiet_after, self._tick)
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-                if timer is not None:
-                    timer.cancel()
             if not self.items:
+                self.last = self.loop.time()
                 return _QUIET
         return self.items.pop(0)
 
+    def _tick(self) -> None:
+        self.timer = None
+        if self.waiter is None or self.waiter.done() or self.quiet_after is None:   # nobody waits: the
+            return                                      # next get() arms it again
+        due = self.last + self.quiet_after
+        if self.loop.time() >= due:
+            self.waiter.set_result(None)
+        else:                                           # news came since it was armed: wait the rest
+            self.timer = self.loop.call_at(due, self._tick)
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def close(self) -> None:
+        """The reader is done with it: no more keep-alive wake-ups (an abort's final output still
+        comes, and wakes a reader that waits)."""
+        self.quiet_after = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class RequestStream:
+    """A request's outputs, read with `await next()`: a RequestOutput carrying what arrived since the
+    previous read, None when `quiet_after` seconds passed without one (a keep-alive tick), or the
+    request's exception (the engine refused or lost it). `finished` is set by the final output.
+    `close()` always: it aborts the request if it has not finished, and frees its blocks."""
+    __slots__ = ("engine", "request_id", "finished", "closed", "_stream")
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream):
+        self.engine = engine
+        self.request_id = request_id
+        self.finished = False
+        self.closed = False
+        self._stream = stream
+
+    async def next(self) -> RequestOutput | None:
+        item = await self._stream.get()
+        if item is _QUIET:
+            return None
+        if isinstance(item, BaseException):
+            self.finished = True      # the engine failed it (died, shut down): not the caller's abort
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()              # before the caller sees the end, which it may not read past
+        return item
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stream.close()
+        if not self.finished:
+            self.engine.abort(self.request_id)
+        self.engine._forget(self.request_id)
 
 
 class AsyncEngine:
@@ -247,16 +305,17 @@ class AsyncEngine:
         atexit.unregister(self._exit_hook)
 
     # requests
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       quiet_after: float | None = None,
-                       parent_request_id: str | None = None) -> AsyncIterator[RequestOutput | None]:
-        """Stream a request's outputs; leaving the loop early aborts it and frees its blocks.
-        parent_request_id: a running request with the same prompt whose prompt KV blocks this one
-        shares (another of n outputs for one prompt: the prompt is prefilled once).
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    quiet_after: float | None = None, parent_request_id: str | None = None) -> RequestStream:
+        """Submit a request; read its outputs from the RequestStream returned, on this event loop, and
+        close it (closing early aborts the request and frees its blocks). Raises at once what refuses
+        it here: EngineDeadError, EngineOverloadedError (the waiting queue is full) or
+        InvalidRequestError. parent_request_id: a running request with the same prompt whose prompt
+        KV blocks this one shares (another of n outputs for one prompt: the prompt is prefilled once).
 
         Each output carries what arrived since the caller's previous read (one token per engine
-        step, or several if the caller fell behind). With `quiet_after`, None is yielded each time
-        that many seconds pass without an output (for keep-alives)."""
+        step, or several if the caller fell behind). With `quiet_after`, a read returns None each
+        time that many seconds pass without an output (for keep-alives)."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -265,7 +324,7 @@ class AsyncEngine:
             raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting; "
                                         "try again later")
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), quiet_after)
         arrival = time.monotonic()
         with self._lock:
             if request_id in self._streams:
@@ -277,27 +336,19 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         self._adds_sent += 1
         self._outbox.put(("add", request_id, prompt_ids, params, arrival, parent_request_id))
-        finished = False
+        return RequestStream(self, request_id, stream)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       quiet_after: float | None = None,
+                       parent_request_id: str | None = None) -> AsyncIterator[RequestOutput | None]:
+        """add_request's outputs as an async iterator, ending after the final one; leaving the loop
+        early aborts the request and frees its blocks."""
+        stream = self.add_request(prompt, params, request_id, quiet_after, parent_request_id)
         try:
-            while True:
-                item = await stream.get(quiet_after)
-                if item is _QUIET:
-                    yield None
-                    continue
-                if isinstance(item, BaseException):
-                    finished = True      # the engine failed it (died, shut down): not the caller's abort
-                    self._forget(request_id)
-                    raise item
-                if item.finished:
-                    finished = True
-                    self._forget(request_id)     # before the caller sees the end, which it may not read past
-                yield item
-                if finished:
-                    return
+            while not stream.finished:
+                yield await stream.next()
         finally:
-            if not finished:
-                self.abort(request_id)
-            self._forget(request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         """End a request now (its finish listeners see "abort") and free its blocks in the engine."""

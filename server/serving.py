@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from kvserve import RequestOutput, SamplingParams, TokenInfo
+from kvserve import RequestOutput, RequestStream, SamplingParams, TokenInfo
 from kvserve.server.errors import APIError, Family, from_engine_error
 from kvserve.server.sse import DONE, KEEPALIVE, SSEResponse, sse_event
 
@@ -96,8 +96,8 @@ def output_error(out: RequestOutput, draining: bool) -> APIError | None:
 
 
 class EngineRequest:
-    """One request submitted to the engine; iterate `outputs()`, `close()` always. Routes use it as a
-    member of a RequestGroup."""
+    """One request submitted to the engine; read it with `next()` (or `outputs()`), `close()` always.
+    Routes use it as a member of a RequestGroup."""
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str,
                  parent_request_id: str | None = None):
@@ -108,52 +108,47 @@ class EngineRequest:
         self.parent_request_id = parent_request_id   # shares this earlier request's prompt blocks (n > 1)
         self.finished = False
         self.closed = False
-        self._engine_outputs: AsyncIterator[RequestOutput] | None = None
-        self._first_output: asyncio.Future | None = None
+        self._stream: RequestStream | None = None
 
     async def start(self) -> None:
         """Validate and admit the request; raises APIError before any response byte is sent."""
         engine = self.state.require_engine()
         try:
-            engine.validate(self.prompt_ids, self.params)
-            self._engine_outputs = engine.generate(self.prompt_ids, self.params, request_id=self.request_id,
-                                                   quiet_after=self.state.keepalive_interval,
-                                                   parent_request_id=self.parent_request_id)
-            self._first_output = asyncio.ensure_future(anext(self._engine_outputs))
-            for _ in range(4):  # let the generator run up to its first wait: admitted or rejected
-                await asyncio.sleep(0)
-            if self._first_output.done() and self._first_output.exception() is not None:
-                raise self._first_output.exception()
-        except BaseException as exc:
+            self._stream = engine.add_request(self.prompt_ids, self.params, request_id=self.request_id,
+                                              quiet_after=self.state.keepalive_interval,
+                                              parent_request_id=self.parent_request_id)
+        except Exception as exc:
             self.close(record=False)
-            raise from_engine_error(exc) if isinstance(exc, Exception) else exc
+            raise from_engine_error(exc) from exc
         self.state.inflight[self.request_id] = self
 
-    async def _source(self) -> AsyncIterator[RequestOutput]:
-        assert self._first_output is not None and self._engine_outputs is not None
-        yield await self._first_output
-        async for out in self._engine_outputs:
-            yield out
-
-    async def outputs(self) -> AsyncIterator[RequestOutput | None]:
-        """Incremental outputs (each with every token since the previous one); None marks a keep-alive
-        tick. Raises APIError on failure."""
+    async def next(self) -> RequestOutput | None:
+        """The next incremental output (every token since the previous one), or None for a keep-alive
+        tick. Raises APIError on failure; after the final output the request is closed."""
+        assert self._stream is not None
         try:
-            async for out in self._source():
-                if out is not None and out.finished:
-                    self.finished = True
-                    self._record_finish(out)
-                yield out
-                if self.finished:
-                    return
-        except (APIError, asyncio.CancelledError, GeneratorExit):
+            out = await self._stream.next()
+        except (APIError, asyncio.CancelledError):
+            self.close()
             raise
         except Exception as exc:
             self.finished = True
+            self.close()
             error = from_engine_error(exc)
             self.state.record_failure(error.failure_reason or "engine_error", self.request_id)
             error.recorded = True
             raise error from exc
+        if out is not None and out.finished:
+            self.finished = True
+            self._record_finish(out)
+            self.close()
+        return out
+
+    async def outputs(self) -> AsyncIterator[RequestOutput | None]:
+        """next() until the final output; leaving early closes (aborts) the request."""
+        try:
+            while not self.finished:
+                yield await self.next()
         finally:
             self.close()
 
@@ -169,14 +164,12 @@ class EngineRequest:
             return
         self.closed = True
         self.state.inflight.pop(self.request_id, None)
-        if self._first_output is not None and not self._first_output.done():
-            self._first_output.cancel()
-        if self.finished or self._engine_outputs is None:
+        if self._stream is None:
             return
-        if record:
+        if record and not self.finished:
             self.state.record_failure("aborted", self.request_id)
         with contextlib.suppress(Exception):
-            self.state.engine.abort(self.request_id)
+            self._stream.close()
 
 
 async def collect_outputs(state: ServerState, outputs: AsyncIterator[RequestOutput | None],
@@ -231,6 +224,23 @@ class RequestGroup:
         self.request_id = request_id
         self.members = members
         self.index_of = {m.request_id: i for i, m in enumerate(members)}
+        self.done = False             # every member's final output has been read
+        self._merged: AsyncIterator[RequestOutput | None] | None = None
+
+    async def next(self) -> RequestOutput | None:
+        """The next output of any member (tell them apart by request_id), or None for a keep-alive
+        tick; `done` once the last member's final output is read."""
+        if len(self.members) == 1:
+            out = await self.members[0].next()
+            self.done = self.members[0].finished
+            return out
+        if self._merged is None:
+            self._merged = self.outputs()
+        try:
+            return await anext(self._merged)
+        except StopAsyncIteration:
+            self.done = True
+            return None
 
     async def start(self) -> None:
         """Admit every member, or none: a refusal closes those already admitted."""
@@ -242,6 +252,7 @@ class RequestGroup:
             raise
 
     async def outputs(self) -> AsyncIterator[RequestOutput | None]:
+        """Every member's outputs, interleaved, and None for keep-alive ticks."""
         if len(self.members) == 1:
             async for out in self.members[0].outputs():
                 yield out
@@ -285,8 +296,15 @@ class RequestGroup:
         return None if results is None else [results[m.request_id] for m in self.members]
 
     def close(self, record: bool = True) -> None:
+        """Abort the members that have not finished (a reader still waiting gets their final outputs)."""
         for member in self.members:
             member.close(record)
+
+    async def aclose(self) -> None:
+        """close(), and end the merging of n > 1 members' outputs (its pump tasks)."""
+        self.close()
+        if self._merged is not None:
+            await self._merged.aclose()
 
 
 async def admit_group(state: ServerState, request_id: str,
@@ -301,24 +319,27 @@ async def admit_group(state: ServerState, request_id: str,
     return group
 
 
-def stream_response(state: ServerState, engine_request: EngineRequest, family: Family, events: EventBuilder,
+def stream_response(state: ServerState, group: RequestGroup, family: Family, events: EventBuilder,
                     opening: Iterable[dict] = ()) -> SSEResponse:
     """The SSE stream of an admitted request in one API family's shape; `events` turns each output into
-    that family's events. The request is closed (aborted if unfinished) however the stream ends."""
-    body = stream_body(state, engine_request, family, events, opening)
-    return SSEResponse(body, on_close=engine_request.close)
+    that family's events. The request is closed (aborted if unfinished) however the stream ends, and
+    as soon as the client leaves."""
+    return SSEResponse(stream_body(state, group, family, events, opening), on_close=group.close)
 
 
-async def stream_body(state: ServerState, engine_request: EngineRequest, family: Family, events: EventBuilder,
+async def stream_body(state: ServerState, group: RequestGroup, family: Family, events: EventBuilder,
                       opening: Iterable[dict]) -> AsyncIterator[bytes]:
     """`opening`, then each output's events with keep-alive comments while the engine is quiet, then
-    `data: [DONE]` for OpenAI (TGI's stream just ends). An error is the last event, in the family's shape."""
+    `data: [DONE]` for OpenAI (TGI's stream just ends). An error is the last event, in the family's shape.
+    One chunk per output read: a reader that fell behind gets one output carrying several tokens."""
     try:
         for event in opening:
             yield sse_event(event)
-        async for out in engine_request.outputs():
+        while not group.done:
+            out = await group.next()
             if out is None:
-                yield KEEPALIVE
+                if not group.done:
+                    yield KEEPALIVE
                 continue
             error = output_error(out, state.draining) if out.finished else None
             if error is not None:
@@ -331,7 +352,7 @@ async def stream_body(state: ServerState, engine_request: EngineRequest, family:
     except Exception as exc:  # the headers went out already: the error can only be the last event
         yield sse_event(from_engine_error(exc).body(family))
     finally:
-        engine_request.close()
+        await group.aclose()
 
 
 def get_state(request: Request) -> ServerState:

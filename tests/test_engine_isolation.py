@@ -264,7 +264,7 @@ def test_a_stream_ends_at_its_first_final_output():
         stream.put(RequestOutput("r", [1], [], "", "", [], finished=True, finish_reason="abort"))
         stream.put(RequestOutput("r", [1], [], "x", "x", [5], finished=False))
         stream.put(EngineDeadError("late"))
-        first = await stream.get(None)
+        first = await stream.get()
         assert first.finished and first.finish_reason == "abort" and not stream.items
     run(scenario())
 

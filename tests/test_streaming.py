@@ -1,0 +1,141 @@
+"""The streaming plumbing without a model: a request's output stream (merging, keep-alive ticks without
+a timer per output) and the SSE response (departures end the request, every path closes it)."""
+import asyncio
+
+from kvserve import RequestOutput
+from kvserve.async_engine import _QUIET, _Stream
+from kvserve.server.sse import SSEResponse, sse_event
+
+
+def output(text: str, finished: bool = False) -> RequestOutput:
+    return RequestOutput("r", [1], [], text, text, [5], finished=finished)
+
+
+def test_a_quiet_stream_ticks_and_a_busy_one_does_not():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, quiet_after=0.1)
+        t0 = loop.time()
+        assert await stream.get() is _QUIET                 # nothing for quiet_after: a tick
+        assert 0.09 <= loop.time() - t0 < 0.5
+        timer = stream.timer
+
+        async def producer():
+            for i in range(10):                             # an output every 0.03 s, for 0.3 s
+                await asyncio.sleep(0.03)
+                stream.put(output(str(i)))
+        task = asyncio.ensure_future(producer())
+        got = []
+        while len(got) < 10:
+            item = await stream.get()
+            assert item is not _QUIET                       # never quiet for 0.1 s while outputs flow
+            got.append(item.new_text)
+        await task
+        assert "".join(got) == "0123456789"
+        assert stream.timer is None or stream.timer is not timer   # re-armed when it fired, not per output
+        t1 = loop.time()
+        assert await stream.get() is _QUIET                 # quiet again: ticks resume
+        assert 0.05 <= loop.time() - t1 < 0.5
+        stream.close()
+        assert stream.timer is None
+    asyncio.run(scenario())
+
+
+def test_unread_outputs_merge_and_nothing_follows_the_final_one():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=5.0)
+        stream.put(output("a"))
+        stream.put(output("b"))
+        stream.put(output("c", finished=True))
+        stream.put(output("late"))
+        merged = await stream.get()
+        assert merged.new_text == "abc" and merged.finished and not stream.items
+        stream.close()
+    asyncio.run(scenario())
+
+
+class Client:
+    """An ASGI server's side of one streaming response: what was sent, and a departure on demand."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+def test_an_sse_response_writes_each_chunk_and_closes_the_request_once_done():
+    closed = []
+
+    async def body():
+        for i in range(3):
+            yield sse_event({"i": i})
+
+    async def scenario():
+        client = Client()
+        await SSEResponse(body(), on_close=lambda: closed.append(True))({"type": "http"}, client.receive, client.send)
+        assert client.sent[0]["type"] == "http.response.start" and client.sent[0]["status"] == 200
+        assert (b"content-type", b"text/event-stream; charset=utf-8") in client.sent[0]["headers"]
+        assert client.body() == b'data: {"i":0}\n\ndata: {"i":1}\n\ndata: {"i":2}\n\n'
+        assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert closed
+    asyncio.run(scenario())
+
+
+def test_a_departed_client_ends_the_request_at_once_and_the_body_runs_its_cleanup():
+    """The departure calls on_close (which aborts the request) while the body still waits for its next
+    output; the aborted request's final output ends the body, whose cleanup then runs."""
+    events = []
+
+    async def scenario():
+        client = Client()
+        request_ended = asyncio.Event()
+
+        async def body():
+            try:
+                yield b"data: first\n\n"
+                await request_ended.wait()       # an engine request, waiting for its next output
+                yield b"data: aborted\n\n"       # the abort's final output
+                events.append("read past the end")
+            finally:
+                events.append("body cleanup")
+
+        def on_close():
+            events.append("on_close")
+            request_ended.set()
+
+        response = asyncio.ensure_future(SSEResponse(body(), on_close=on_close)({"type": "http"}, client.receive,
+                                                                                client.send))
+        await asyncio.sleep(0.05)
+        assert client.body() == b"data: first\n\n" and not events
+        client.gone.set()
+        await asyncio.wait_for(response, 5)
+        assert events[0] == "on_close" and "body cleanup" in events and "read past the end" not in events
+        assert b"aborted" not in client.body()   # nothing more is written for a client that left
+    asyncio.run(scenario())
+
+
+def test_an_sse_response_closes_the_request_even_if_its_body_never_yields():
+    closed = []
+
+    async def body():
+        raise RuntimeError("broken before the first chunk")
+        yield b""   # pragma: no cover - makes this an async generator
+
+    async def scenario():
+        client = Client()
+        try:
+            await SSEResponse(body(), on_close=lambda: closed.append(True))({"type": "http"}, client.receive,
+                                                                            client.send)
+        except RuntimeError:
+            pass
+        assert closed
+    asyncio.run(scenario())
