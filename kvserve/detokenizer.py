@@ -16,7 +16,13 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.vocab_limit = len(tokenizer)
         self.backend_decode = _backend_decode(tokenizer)
-        self.ids = [t for t in prompt_ids if self._known(t)][-PROMPT_CONTEXT:]
+        context: list[int] = []     # the last PROMPT_CONTEXT known ids (a prompt can be 100k ids long)
+        for t in reversed(prompt_ids):
+            if len(context) == PROMPT_CONTEXT:
+                break
+            if self._known(t):
+                context.append(t)
+        self.ids = context[::-1]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
