@@ -113,8 +113,10 @@ class _Stream:
 class RequestStream:
     """A request's outputs, read with `await next()`: a RequestOutput carrying what arrived since the
     previous read, None when `quiet_after` seconds passed without one (a keep-alive tick), or the
-    request's exception (the engine refused or lost it). `finished` is set by the final output.
-    `close()` always: it aborts the request if it has not finished, and frees its blocks."""
+    request's exception (the engine refused or lost it). `finished` is set by the final output (or
+    the exception); next() past it raises RuntimeError. `close()` always, on the caller's loop: it
+    aborts the request if it has not finished (a reader waiting in next() then gets the final
+    "abort" output) and frees its blocks; a stream dropped unclosed runs its request to the end."""
     __slots__ = ("engine", "request_id", "finished", "closed", "_stream")
 
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream):
@@ -125,6 +127,8 @@ class RequestStream:
         self._stream = stream
 
     async def next(self) -> RequestOutput | None:
+        if self.finished:
+            raise RuntimeError(f"request {self.request_id!r} has ended: its final output was read")
         item = await self._stream.get()
         if item is _QUIET:
             return None
@@ -141,10 +145,15 @@ class RequestStream:
         if self.closed:
             return
         self.closed = True
-        self._stream.close()
-        if not self.finished:
-            self.engine.abort(self.request_id)
-        self.engine._forget(self.request_id)
+        try:
+            if not self.finished:     # a reader still waiting gets the abort's final output
+                self.engine.abort(self.request_id)
+        except Exception as exc:      # noqa: BLE001 - (a finish listener that raises) the reader must not hang
+            log.exception("aborting request %s failed", self.request_id)
+            self._stream.put(RuntimeError(f"the request could not be aborted cleanly: {exc!r}"))
+        finally:
+            self._stream.close()
+            self.engine._forget(self.request_id)
 
 
 class AsyncEngine:
@@ -352,13 +361,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """End a request now (its finish listeners see "abort") and free its blocks in the engine."""
+        self._outbox.put(("abort", request_id))        # first: the engine frees the blocks whatever happens here
         with self._lock:
             out = self._processor.abort(request_id)
             target = self._streams.pop(request_id, None)
         if target is not None and out is not None:     # a caller still listening (a drain's abort) gets the final output
             with contextlib.suppress(RuntimeError):     # unless its event loop is closed
                 target.loop.call_soon_threadsafe(target.put, out)
-        self._outbox.put(("abort", request_id))
 
     def _forget(self, request_id: str) -> None:
         with self._lock:

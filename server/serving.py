@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from kvserve import RequestOutput, RequestStream, SamplingParams, TokenInfo
+from kvserve import RequestOutput, SamplingParams, TokenInfo
 from kvserve.server.errors import APIError, Family, from_engine_error
 from kvserve.server.sse import DONE, KEEPALIVE, SSEResponse, sse_event
 
 if TYPE_CHECKING:  # importing the server loads neither torch (with the engine) nor prometheus_client
-    from kvserve import AsyncEngine
+    from kvserve import AsyncEngine, RequestStream
     from kvserve.server.metrics import EngineMetrics
 
 logger = logging.getLogger("kvserve.server")

@@ -3,7 +3,9 @@ a timer per output) and the SSE response (departures end the request, every path
 import asyncio
 
 from kvserve import RequestOutput
-from kvserve.async_engine import _QUIET, _Stream
+import pytest
+
+from kvserve.async_engine import _QUIET, RequestStream, _Stream
 from kvserve.server.sse import SSEResponse, sse_event
 
 
@@ -138,4 +140,42 @@ def test_an_sse_response_closes_the_request_even_if_its_body_never_yields():
         except RuntimeError:
             pass
         assert closed
+    asyncio.run(scenario())
+
+
+class StandIn:
+    """The two engine calls a RequestStream makes; `abort` puts the final output, as AsyncEngine's does."""
+
+    def __init__(self, stream: _Stream, abort_raises: bool = False):
+        self.stream, self.abort_raises, self.aborted, self.forgotten = stream, abort_raises, [], []
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        if self.abort_raises:
+            raise ValueError("a finish listener broke")
+        self.stream.loop.call_soon(self.stream.put, RequestOutput(request_id, [1], [], "", "", [], finished=True,
+                                                                 finish_reason="abort"))
+
+    def _forget(self, request_id: str) -> None:
+        self.forgotten.append(request_id)
+
+
+@pytest.mark.parametrize("abort_raises", [False, True])
+def test_closing_a_request_wakes_its_waiting_reader_even_if_the_abort_fails(abort_raises):
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+        engine = StandIn(stream, abort_raises)
+        request = RequestStream(engine, "r", stream)
+        reader = asyncio.ensure_future(request.next())
+        await asyncio.sleep(0.01)
+        request.close()                                   # a client left while its reader waits
+        if abort_raises:
+            with pytest.raises(RuntimeError, match="could not be aborted"):
+                await asyncio.wait_for(reader, 5)
+        else:
+            final = await asyncio.wait_for(reader, 5)
+            assert final.finished and final.finish_reason == "abort"
+        assert engine.aborted == ["r"] and engine.forgotten == ["r"] and stream.timer is None
+        with pytest.raises(RuntimeError, match="has ended"):
+            await asyncio.wait_for(request.next(), 5)     # past the end: an error, not a wait forever
     asyncio.run(scenario())
