@@ -47,10 +47,12 @@ class _Stream:
     server writes to each client once per read instead of once per token.
 
     With `quiet_after`, a reader waiting that long since the last output (or keep-alive) is woken
-    with _QUIET. One timer per stream, re-armed only when it fires: an output costs no timer."""
-    __slots__ = ("loop", "items", "waiter", "ended", "quiet_after", "last", "timer")
+    with _QUIET (and handed what has gathered, if anything). One timer per stream, re-armed only when
+    it fires: an output costs no timer. With `interval` k > 1, the reader gets the first output at
+    once, then outputs of k tokens (the final one, an error or a quiet spell hands over fewer)."""
+    __slots__ = ("loop", "items", "waiter", "ended", "quiet_after", "last", "timer", "interval", "delivered")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, quiet_after: float | None = None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, quiet_after: float | None = None, interval: int = 1):
         self.loop = loop
         self.items: list = []
         self.waiter: asyncio.Future | None = None
@@ -58,6 +60,16 @@ class _Stream:
         self.quiet_after = quiet_after or None
         self.last = loop.time()                 # when the reader last had news (an output or a keep-alive)
         self.timer: asyncio.TimerHandle | None = None
+        self.interval = interval
+        self.delivered = False                  # the reader has had an output (the first goes at once)
+
+    def _ready(self) -> bool:
+        if not self.items:
+            return False
+        if self.interval == 1 or self.ended or not self.delivered:
+            return True
+        first = self.items[0]
+        return not isinstance(first, RequestOutput) or len(first.new_tokens) >= self.interval
 
     def put(self, item) -> None:
         """On the caller's loop: an output (merged into one still unread) or an exception. Nothing
@@ -73,12 +85,12 @@ class _Stream:
             self.items.append(item)
         if self.quiet_after is not None:
             self.last = self.loop.time()
-        if self.waiter is not None and not self.waiter.done():
+        if self.waiter is not None and not self.waiter.done() and self._ready():
             self.waiter.set_result(None)
 
     async def get(self):
         """The next item; _QUIET once `quiet_after` seconds pass with nothing new (nothing is cancelled)."""
-        if not self.items:
+        if not self._ready():
             self.waiter = self.loop.create_future()
             if self.quiet_after is not None and self.timer is None:
                 self.timer = self.loop.call_at(self.last + self.quiet_after, self._tick)
@@ -89,6 +101,7 @@ class _Stream:
             if not self.items:
                 self.last = self.loop.time()
                 return _QUIET
+        self.delivered = True
         return self.items.pop(0)
 
     def _tick(self) -> None:
@@ -315,7 +328,8 @@ class AsyncEngine:
 
     # requests
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    quiet_after: float | None = None, parent_request_id: str | None = None) -> RequestStream:
+                    quiet_after: float | None = None, parent_request_id: str | None = None,
+                    stream_interval: int = 1) -> RequestStream:
         """Submit a request; read its outputs from the RequestStream returned, on this event loop, and
         close it (closing early aborts the request and frees its blocks). Raises at once what refuses
         it here: EngineDeadError, EngineOverloadedError (the waiting queue is full) or
@@ -324,7 +338,11 @@ class AsyncEngine:
 
         Each output carries what arrived since the caller's previous read (one token per engine
         step, or several if the caller fell behind). With `quiet_after`, a read returns None each
-        time that many seconds pass without an output (for keep-alives)."""
+        time that many seconds pass without an output (for keep-alives). With `stream_interval` k,
+        after the first output a read waits for k tokens (or the end, or a quiet spell): fewer,
+        larger outputs for a caller that writes each one to a client."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -333,7 +351,7 @@ class AsyncEngine:
             raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting; "
                                         "try again later")
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), quiet_after)
+        stream = _Stream(asyncio.get_running_loop(), quiet_after, stream_interval)
         arrival = time.monotonic()
         with self._lock:
             if request_id in self._streams:

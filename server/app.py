@@ -177,7 +177,7 @@ def kv_view_page() -> str:
 
 def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvserve", *,
                loader: Callable[[], AsyncEngine] | None = None,
-               keepalive_interval: float = 5.0, info_extra: dict | None = None,
+               keepalive_interval: float = 5.0, stream_interval: int = 1, info_extra: dict | None = None,
                on_load_error: Callable[[BaseException], None] | None = None,
                on_engine_death: Callable[[BaseException], None] | None = None,
                settings: ServerSettings | None = None) -> FastAPI:
@@ -188,7 +188,7 @@ def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvse
     non-zero so a supervisor restarts it)."""
     settings = settings or ServerSettings(served_model_names=(served_model_name,))
     state = ServerState(served_model_name=settings.served_model_names[0], settings=settings,
-                        keepalive_interval=keepalive_interval,
+                        keepalive_interval=keepalive_interval, stream_interval=stream_interval,
                         info={"started": int(time.time()), **(info_extra or {})})
     app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error, on_engine_death),
                   description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")

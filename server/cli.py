@@ -69,6 +69,13 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, help: str, type: Callab
     parser.add_argument(flag, type=type, default=default, help=f"{help} [env: {env}; default: {shown}]", **kwargs)
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # Kubernetes gives every pod `<SERVICE>_PORT=tcp://<cluster ip>:<port>` for each Service of its namespace
 # (Docker's links did the same): a Service named `kvserve` sets KVSERVE_PORT, which is not a port for us.
 SERVICE_LINK = re.compile(r"(?:tcp|udp|sctp)://(?:\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]+")
@@ -161,6 +168,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              "after 10 s unless told otherwise)", type=float, default=6.0, metavar="SECONDS")
     add_flag(p, "--sse-keepalive", "seconds between SSE `: keep-alive` comments while a stream is quiet",
              type=float, default=5.0, metavar="SECONDS")
+    add_flag(p, "--stream-interval", "tokens a stream gathers before each write (the first token and the end "
+             "go at once): fewer, larger SSE chunks, less server CPU per token, burstier streams", type=at_least_one,
+             default=1, metavar="N")
     add_flag(p, "--log-level", "logging threshold", default="info",
              choices=["debug", "info", "warning", "error", "critical"])
     env = env_name("--api-key")
@@ -273,7 +283,7 @@ def make_server(args: argparse.Namespace, config: Any, served_names: tuple[str, 
                               trust_request_chat_template=args.trust_request_chat_template,
                               tool_call_parser=args.tool_call_parser)
     app = create_app(None, loader=engine_loader(config, args.max_waiting_requests),
-                     keepalive_interval=args.sse_keepalive, info_extra={**limits(args), "demo": demo},
+                     keepalive_interval=args.sse_keepalive, stream_interval=args.stream_interval, info_extra={**limits(args), "demo": demo},
                      on_load_error=cannot_serve, on_engine_death=cannot_serve, settings=settings)
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
                                     timeout_graceful_shutdown=3, lifespan="on")

@@ -46,6 +46,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     metrics: EngineMetrics | None = None
     keepalive_interval: float = 5.0
+    stream_interval: int = 1              # tokens a stream gathers before a write (the first goes at once)
     draining: bool = False
     load_error: str | None = None
     info: dict = field(default_factory=dict)
@@ -116,7 +117,8 @@ class EngineRequest:
         try:
             self._stream = engine.add_request(self.prompt_ids, self.params, request_id=self.request_id,
                                               quiet_after=self.state.keepalive_interval,
-                                              parent_request_id=self.parent_request_id)
+                                              parent_request_id=self.parent_request_id,
+                                              stream_interval=self.state.stream_interval)
         except Exception as exc:
             self.close(record=False)
             raise from_engine_error(exc) from exc

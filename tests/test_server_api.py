@@ -545,3 +545,30 @@ def test_non_streaming_disconnect_frees_blocks(server):
             client.post("/v1/completions", json=body)
     assert server.stats()["generation_tokens"] > 0
     assert blocks_freed_within_a_second(server), server.stats()
+
+
+def test_a_stream_interval_writes_fewer_larger_chunks_of_the_same_tokens(client, demo_model_dir, tmp_path):
+    """--stream-interval 4: the same tokens and text as the default server (both APIs); OpenAI's chunks
+    carry 4 tokens or more after the first, the rest with the end; TGI's events are still one per token.
+    (That the first token goes at once is tests/test_streaming.py's.)"""
+    completion = {"model": MODEL, "prompt": "Once upon", "max_tokens": 14, "temperature": 0, "ignore_eos": True,
+                  "logprobs": 0, "stream": True}
+    tgi = {"inputs": "Once upon", "parameters": {"max_new_tokens": 14, "details": True}}
+    want, _ = stream(client, "/v1/completions", completion)
+    want_tgi, _ = stream(client, "/generate_stream", tgi)
+    with running_server(demo_model_dir, tmp_path / "kvserve.log", "--num-kv-blocks", "64", "--max-model-len",
+                        str(MAX_MODEL_LEN), "--stream-interval", "4", "--log-level", "warning") as server, \
+            httpx.Client(base_url=server.base, timeout=60) as c:
+        got, _ = stream(c, "/v1/completions", completion)
+        got_tgi, _ = stream(c, "/generate_stream", tgi)
+    assert got[-1] == want[-1] == "[DONE]"
+
+    def tokens(chunks):
+        return [t for chunk in chunks[:-1] for t in chunk["choices"][0]["logprobs"]["tokens"]]
+    assert tokens(got) == tokens(want) and len(tokens(got)) == 14
+    assert "".join(ch["choices"][0]["text"] for ch in got[:-1]) == "".join(ch["choices"][0]["text"] for ch in want[:-1])
+    sizes = [len(chunk["choices"][0]["logprobs"]["tokens"]) for chunk in got[:-1]]
+    # at least 4 tokens a chunk but the first and the last (a reader that falls behind gets more at once)
+    assert sum(sizes) == 14 and all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 5, sizes
+    assert [e["token"]["id"] for e in got_tgi] == [e["token"]["id"] for e in want_tgi]
+    assert got_tgi[-1]["generated_text"] == want_tgi[-1]["generated_text"]

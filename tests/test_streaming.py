@@ -179,3 +179,30 @@ def test_closing_a_request_wakes_its_waiting_reader_even_if_the_abort_fails(abor
         with pytest.raises(RuntimeError, match="has ended"):
             await asyncio.wait_for(request.next(), 5)     # past the end: an error, not a wait forever
     asyncio.run(scenario())
+
+
+def test_a_stream_interval_hands_over_the_first_output_then_k_tokens_at_a_time():
+    from kvserve import TokenInfo
+
+    def tokens(n: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", [1], [TokenInfo(5, "x", 0.0, False)] * n, "x" * n, "", [], finished=finished)
+
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=0.2, interval=3)
+        stream.put(tokens(1))
+        assert len((await stream.get()).new_tokens) == 1          # the first token goes at once
+        stream.put(tokens(1))
+        stream.put(tokens(1))
+        reader = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0.05)
+        assert not reader.done()                                  # 2 of 3 gathered: still waiting
+        stream.put(tokens(1))
+        assert len((await asyncio.wait_for(reader, 1)).new_tokens) == 3
+        stream.put(tokens(1))
+        assert len((await asyncio.wait_for(stream.get(), 1)).new_tokens) == 1   # a quiet spell hands it over
+        stream.put(tokens(1))
+        stream.put(tokens(1, finished=True))
+        final = await asyncio.wait_for(stream.get(), 1)           # the end goes at once
+        assert final.finished and len(final.new_tokens) == 2
+        stream.close()
+    asyncio.run(scenario())
