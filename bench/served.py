@@ -181,6 +181,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
+def server_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the server's own process (the API) and of every process it started (the engine)."""
+    return cpu_seconds([pid]), cpu_seconds([p for p in process_tree(pid) if p != pid])
+
+
 def cpu_list(cpus: set[int] | None) -> str | None:
     return ",".join(str(c) for c in sorted(cpus)) if cpus else None
 
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         pinning["server_processes"] = {str(pid): allowed_cpus(pid) for pid in process_tree(server.proc.pid)}
         pinning["client_process"] = allowed_cpus(os.getpid())
         served, probes = asyncio.run(_served(args, server.url, str(path), reqs, warmup,
-                                             lambda: cpu_seconds(process_tree(server.proc.pid))))
+                                             lambda: server_cpu_seconds(server.proc.pid)))
     _report(args, machine, reqs, engine, warmup, pinning, offline, served, probes)
     return 0
 
@@ -276,8 +281,12 @@ async def _served(args, url: str, model: str, reqs: list[TextRequest], warmup: s
         cpu1, own1 = server_cpu(), time.process_time()
         bar.close()
         burst = summarize_point(outcomes, duration)
+        api, engine = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         # CPU seconds per wall second during the burst: near the number of CPUs given = that side is saturated
-        burst["cpu_busy"] = {"server": (cpu1 - cpu0) / duration, "client": (own1 - own0) / duration}
+        burst["cpu_busy"] = {"server": (api + engine) / duration, "client": (own1 - own0) / duration}
+        # where the server's share went: the API process (HTTP, tokenizing, detokenizing, SSE) and the
+        # engine's process(es); on one shared core the burst takes about their sum
+        burst["cpu_seconds"] = {"api_process": api, "engine_processes": engine}
         log.info("served: %.1f output tokens/s (%.2f s), %d errors", burst["output_tokens_per_s"], duration,
                  burst["errors"])
         probes = await _probe_phase(args, client, url, reqs)
@@ -379,8 +388,10 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
                       f"chars, outputs {args.output_len[0]}-{args.output_len[1]} tokens, ignore_eos, greedy, "
                       f"streaming /v1/completions; model {args.model_shape}, {args.dtype} on {args.device}; "
                       f"warm-up {warmup}")
-    busy = served["cpu_busy"]
+    busy, spent = served["cpu_busy"], served["cpu_seconds"]
     print(f"CPU seconds per second during the burst: server {busy['server']:.2f}, client {busy['client']:.2f}")
+    print(f"CPU seconds during the burst: API process {spent['api_process']:.2f}, engine process(es) "
+          f"{spent['engine_processes']:.2f} (offline took {offline['elapsed_s']:.2f} s)")
     print(f"served / offline output tok/s: {r:.3f} ({'meets' if r >= goal else 'below'} the >= {goal} goal on "
           f"{'CUDA' if cuda else 'CPU'})")
     rows = []
@@ -414,7 +425,9 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
         "definitions": {"output_tokens_per_s": "output tokens / wall time of the whole workload (offline: "
                                                "LLM.generate; served: first request sent -> last response done)",
                         "ttft": "request sent -> first streamed token", "cpu_busy": "CPU seconds (user + "
-                        "system) per wall second during the burst: the server's processes, and this client", "itl": "gap between successive streamed "
+                        "system) per wall second during the burst: the server's processes, and this client", "cpu_seconds":
+                        "CPU seconds during the burst of the server's API process and of the processes it "
+                        "started (the engine; tensor-parallel workers)", "itl": "gap between successive streamed "
                         "chunks carrying text", "probe": "one GET over a keep-alive connection, from a separate "
                         "process; 'load' counts probes sent while the streams were being kept in flight"},
     }

@@ -176,7 +176,10 @@ def test_served_benchmark_end_to_end(tmp_path):
     if "--server-cpus" in cmd:
         assert pin["server_cpus"] == str(first) and pin["client_cpus"] == str(second)
         assert set(pin["server_processes"].values()) == {str(first)}
+    spent = payload["served"]["cpu_seconds"]    # the burst's CPU, split: the API process and the engine's
+    assert spent["api_process"] > 0 and spent["engine_processes"] > 0
     assert "served / offline output tok/s:" in proc.stdout and "machine: " in proc.stdout
+    assert "CPU seconds during the burst: API process" in proc.stdout
     assert (out / "served.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     replot = subprocess.run(cmd[:5] + ["--replot", str(out / "served.json"), "--out-dir", str(cwd / "again")],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
