@@ -29,6 +29,14 @@ def test_a_busy_port_fails_at_once_before_loading(demo_model_dir, tmp_path):
     assert "loading" not in out.stderr.lower() and elapsed < 30   # the model was never loaded
 
 
+def test_a_stream_interval_below_one_is_refused_before_loading(demo_model_dir, tmp_path):
+    for bad in ("0", "-3", "two"):
+        out = subprocess.run([sys.executable, "-m", "kvserve", "serve", "--model", demo_model_dir, "--device", "cpu",
+                              "--stream-interval", bad], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "--stream-interval" in out.stderr, out.stderr[-2000:]
+        assert "loading" not in out.stderr.lower()
+
+
 # Loaded by every interpreter started with this folder on PYTHONPATH, the engine process included:
 # its first step raises, as a lost device would.
 DIES_ON_FIRST_STEP = """
