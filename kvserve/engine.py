@@ -30,7 +30,7 @@ from kvserve.config import EngineConfig
 from kvserve.cuda_graphs import graphs_wanted
 from kvserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from kvserve.errors import InvalidRequestError, PromptTooLongError
-from kvserve.outputs import EngineStats, RequestMetrics, RequestOutput, StepStats, TokenInfo
+from kvserve.outputs import EngineStats, Prefix, RequestMetrics, RequestOutput, StepStats, TokenInfo
 from kvserve.runner import ModelRunner
 from kvserve.sampler import Sampler
 from kvserve.scheduler.sampling_params import SamplingParams
@@ -590,8 +590,8 @@ class RequestState:
     stops: StopStringMatcher
     metrics: RequestMetrics
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""          # output text so far (cut at a stop string)
-    sent: int = 0           # characters of text already released
+    released: list[str] = field(default_factory=list)   # the text handed out so far, one piece per output
+    pending: str = ""       # text not yet handed out (cut at a stop string); what stop strings are sought in
     new_tokens: list[TokenInfo] = field(default_factory=list)
     num_cached_tokens: int = 0
     finish_reason: str | None = None
@@ -657,28 +657,37 @@ class OutputProcessor:
         piece = state.detok.add(token)
         state.new_tokens.append(TokenInfo(token, piece, logprob, token in self.special_ids, top))
         if core_reason != "eos":    # the EOS that ended it is not text, even with skip_special_tokens off
-            state.text += piece
+            state.pending += piece
         if core_reason in ("eos", "stop_token", "abort", "error"):
             return False
-        hit = state.stops.check(state.text, len(piece))
+        # pending holds at least the text's last `hold` characters before this piece (see _output):
+        # all that a stop string ending in this piece can span
+        hit = state.stops.check(state.pending, len(piece))
         if hit is None or len(state.token_ids) < state.params.min_tokens:
             return False
-        state.text = state.text[:hit[0]]
+        state.pending = state.pending[:hit[0]]
         state.finish_reason, state.stop_reason = "stop", hit[1]
         return True
 
     def _output(self, request_id: str, state: RequestState, finished: bool = False) -> RequestOutput:
-        upto = len(state.text) if finished else max(state.sent, state.stops.releasable(state.text))
-        new_text, state.sent = state.text[state.sent:upto], upto
+        """The update since the previous one. The cumulative text and token ids are Prefixes of the
+        state's growing lists: O(1) per update, however long the output already is."""
+        pending = state.pending
+        upto = len(pending) if finished else max(0, state.stops.releasable(pending))
+        new_text, state.pending = pending[:upto], pending[upto:]
+        if new_text:
+            state.released.append(new_text)
         new_tokens, state.new_tokens = state.new_tokens, []
-        return RequestOutput(request_id, state.prompt_ids, new_tokens, new_text, state.text[:upto],
-                             list(state.token_ids), finished, state.finish_reason, state.stop_reason,
-                             state.num_cached_tokens, state.metrics, prompt_logprobs=state.prompt_logprobs)
+        return RequestOutput(request_id, state.prompt_ids, new_tokens, new_text,
+                             Prefix(state.released, len(state.released)),
+                             Prefix(state.token_ids, len(state.token_ids)), finished, state.finish_reason,
+                             state.stop_reason, state.num_cached_tokens, state.metrics,
+                             prompt_logprobs=state.prompt_logprobs)
 
     def _finish(self, request_id: str, state: RequestState, error: str | None = None) -> RequestOutput:
         if state.finish_reason != "stop":
             tail = state.detok.flush()
-            state.text += tail
+            state.pending += tail
             if tail and state.new_tokens:
                 state.new_tokens[-1].text += tail
         state.metrics.finished_time = time.monotonic()

@@ -231,7 +231,7 @@ class EngineMetrics:
         else:
             self.success.labels(self.model_name, out.finish_reason or "unknown").inc()
         self.prompt_len.observe(len(out.prompt_token_ids))
-        self.output_len.observe(len(out.token_ids))
+        self.output_len.observe(out.num_output_tokens)
         self._observe_latencies(out)
 
     def _observe_latencies(self, out: RequestOutput) -> None:

@@ -123,7 +123,7 @@ def stream(state: ServerState, group: RequestGroup, header: dict,
                 choice["index"] = index
             yield data
         if out.finished:
-            completion_tokens[index], cached[index] = len(out.token_ids), out.num_cached_tokens
+            completion_tokens[index], cached[index] = out.num_output_tokens, out.num_cached_tokens
             if with_usage and len(completion_tokens) == len(chunkers):
                 done = sum(completion_tokens.values())
                 yield chunk_type(**header, choices=[], usage=Usage(
@@ -220,7 +220,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 def group_usage(prompt_tokens: int, results: list[tuple[RequestOutput, list[TokenInfo]]], per_prompt: int) -> Usage:
     """Every generated token counts (best_of's dropped outputs too); each prompt once."""
-    done = sum(len(out.token_ids) for out, _ in results)
+    done = sum(out.num_output_tokens for out, _ in results)
     cached = sum(results[i][0].num_cached_tokens for i in range(0, len(results), per_prompt))
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
