@@ -173,6 +173,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
              default=1, metavar="N")
     add_flag(p, "--log-level", "logging threshold", default="info",
              choices=["debug", "info", "warning", "error", "critical"])
+    add_switch(p, "--disable-access-log", "no log line per HTTP request (uvicorn's access log, at info level)")
     env = env_name("--api-key")
     p.add_argument("--api-key", default=os.environ.get(env) or None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on every API route (/health and /metrics stay open) "
@@ -286,7 +287,7 @@ def make_server(args: argparse.Namespace, config: Any, served_names: tuple[str, 
                      keepalive_interval=args.sse_keepalive, stream_interval=args.stream_interval, info_extra={**limits(args), "demo": demo},
                      on_load_error=cannot_serve, on_engine_death=cannot_serve, settings=settings)
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                                    timeout_graceful_shutdown=3, lifespan="on")
+                                    access_log=not args.disable_access_log, timeout_graceful_shutdown=3, lifespan="on")
     server = DrainingServer(uvicorn_config, app.state.kvserve, args.shutdown_timeout)
     return server
 

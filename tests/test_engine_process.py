@@ -58,6 +58,7 @@ def test_the_engine_process_starts_and_stops_with_the_server(demo_model_dir, tmp
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=30) == 0, server.log_tail()
         assert wait_until(lambda: gone(engines[0]), 10), "the engine process outlived the server"
+        assert '"POST /generate HTTP/1.1" 200' in server.log.read_text()   # the access log, on by default
     finally:
         stop_server(server)
 

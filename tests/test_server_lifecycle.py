@@ -52,7 +52,7 @@ def option_helps(help_text: str) -> dict[str, str]:
 SERVE_FLAGS = ("model", "host", "port", "served-model-name", "dtype", "device", "block-size", "num-kv-blocks",
                "kv-cache-memory", "kv-offload-memory", "gpu-memory-utilization", "max-num-seqs", "max-num-batched-tokens",
                "max-model-len", "no-prefix-caching", "attention-backend", "enforce-eager", "compile",
-               "async-scheduling", "max-waiting-requests", "shutdown-timeout", "sse-keepalive", "stream-interval", "log-level", "api-key",
+               "async-scheduling", "max-waiting-requests", "shutdown-timeout", "sse-keepalive", "stream-interval", "log-level", "disable-access-log", "api-key",
                "max-request-bytes",
                "trust-request-chat-template", "tool-call-parser", "logprobs-mode", "tensor-parallel-size")
 

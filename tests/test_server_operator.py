@@ -79,8 +79,9 @@ def test_a_dead_engine_fails_its_requests_and_exits_non_zero(demo_model_dir, tmp
 
 
 def test_api_key_and_model_aliases_end_to_end(demo_model_dir, tmp_path):
+    """(With --disable-access-log: no line per request in the log.)"""
     server = start_server(demo_model_dir, tmp_path / "kvserve.log", "--served-model-name", "main-name", "alias",
-                          "--api-key", KEY, "--num-kv-blocks", "64")
+                          "--api-key", KEY, "--num-kv-blocks", "64", "--disable-access-log")
     try:
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{server.base}/health").status_code == 200
@@ -99,5 +100,8 @@ def test_api_key_and_model_aliases_end_to_end(demo_model_dir, tmp_path):
         r = httpx.post(f"{server.base}/generate", headers=auth, timeout=30,
                        json={"inputs": "hi", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 200
+        stop_server(server)
+        log = server.log.read_text()
+        assert "kvserve stopped" in log and "HTTP/1.1" not in log, log[-3000:]
     finally:
         stop_server(server)
