@@ -20,6 +20,7 @@ from kvserve.server.schemas_openai import (ChatChoice, ChatChoiceLogprobs, ChatC
                                            SamplingFields, ToolCallDelta, ToolCallOut, TopLogprob, Usage)
 from kvserve.server.tool_parsers import ContentDelta
 from kvserve.server.tools import ToolPlan, call_id
+from kvserve.server.sse import SSETemplate
 from kvserve.server.serving import (EventBuilder, RequestGroup, ServerState, admit_group, get_state,
                                     stream_response)
 from kvserve.server.validation import finite
@@ -116,11 +117,12 @@ def stream(state: ServerState, group: RequestGroup, header: dict,
     completion_tokens: dict[int, int] = {}
     cached: dict[int, int] = {}
 
-    def events(out: RequestOutput) -> Iterator[dict]:
+    def events(out: RequestOutput) -> Iterator[dict | bytes]:
         index = group.index_of[out.request_id]
         for data in chunkers[index](out):
-            for choice in data["choices"]:
-                choice["index"] = index
+            if not isinstance(data, bytes):   # (a templated chunk carries its index already)
+                for choice in data["choices"]:
+                    choice["index"] = index
             yield data
         if out.finished:
             completion_tokens[index], cached[index] = out.num_output_tokens, out.num_cached_tokens
@@ -145,6 +147,17 @@ def dump_chunk(chunk: CompletionResponse | ChatCompletionChunk, with_usage: bool
         if isinstance(model, ChatChunkChoice):
             choice["delta"] = model.delta.model_dump(exclude_none=True)
     return data
+
+
+def text_template(chunk: dict, index: int, *path: str) -> SSETemplate:
+    """The SSE event of `chunk` as choice `index`, its text (at `path` in the choice) left open."""
+    def put_hole(data: dict, hole: str) -> None:
+        choice = data["choices"][0]
+        choice["index"] = index
+        for key in path[:-1]:
+            choice = choice[key]
+        choice[path[-1]] = hole
+    return SSETemplate(chunk, put_hole)
 
 
 def model_card(state: ServerState) -> ModelCard:
@@ -189,7 +202,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             for j in range(n):
                 chunker, first = completion_chunker(engine.token_bytes, header, echoes[i], with_logprobs,
                                                     include_usage(body), body.logprobs or 0,
-                                                    p.prompt_ids if body.echo else None)
+                                                    p.prompt_ids if body.echo else None, i * n + j)
                 chunkers.append(chunker)
                 for data in first:
                     data["choices"][0]["index"] = i * n + j
@@ -227,19 +240,20 @@ def group_usage(prompt_tokens: int, results: list[tuple[RequestOutput, list[Toke
 
 
 def completion_chunker(token_bytes: Callable[[int], bytes], header: dict, echo: str, with_logprobs: bool,
-                       with_usage: bool, top: int = 0,
-                       prompt_ids: list[int] | None = None) -> tuple[EventBuilder, list[dict]]:
-    """One choice's chunk builder, and the chunks that open its stream. With echo, the prompt's text
+                       with_usage: bool, top: int = 0, prompt_ids: list[int] | None = None,
+                       index: int = 0) -> tuple[EventBuilder, list[dict]]:
+    """Choice `index`'s chunk builder, and the chunks that open its stream. With echo, the prompt's text
     opens it; with echo and logprobs it comes with the first token's chunk instead, which carries the
     prompt's logprobs (they are known once it is prefilled)."""
     text_offset = len(echo)
     echo_pending = prompt_ids is not None and with_logprobs
 
-    # the common chunk (text only) is the pydantic model's own dump with the text swapped in: one
-    # dict copy per chunk instead of two models and a dump (this runs once per token per stream)
-    plain = dump_chunk(CompletionResponse(**header, choices=[CompletionChoice(text="")]), with_usage)
+    # the common chunk (text only) is the pydantic model's own dump, encoded once with its text left
+    # open (this runs once per token per stream)
+    plain = text_template(dump_chunk(CompletionResponse(**header, choices=[CompletionChoice(text="")]), with_usage),
+                          index, "text")
 
-    def chunks(out: RequestOutput) -> list[dict]:
+    def chunks(out: RequestOutput) -> list[dict | bytes]:
         nonlocal text_offset, echo_pending
         if echo_pending:
             echo_pending = False
@@ -252,7 +266,7 @@ def completion_chunker(token_bytes: Callable[[int], bytes], header: dict, echo: 
             return []
         if not out.finished and not with_logprobs:
             text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
-            return [{**plain, "choices": [{**plain["choices"][0], "text": out.new_text}]}]
+            return [plain.fill(out.new_text)]
         logprobs = completion_logprobs(out.new_tokens, text_offset, token_bytes, top) if with_logprobs else None
         text_offset += sum(len(token_info.text) for token_info in out.new_tokens)
         choice = CompletionChoice(text=out.new_text, logprobs=logprobs, finish_reason=finish_reason(out))
@@ -304,19 +318,22 @@ def stream_chat(state: ServerState, group: RequestGroup, header: dict, with_logp
 
     opening = [chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
                for i in range(len(group.members))]
-    chunkers = [chat_chunker(state, header, with_logprobs, with_usage, tools) for _ in group.members]
+    chunkers = [chat_chunker(state, header, with_logprobs, with_usage, tools, i) for i in range(len(group.members))]
     return stream(state, group, header, ChatCompletionChunk, chunkers, with_usage, opening, prompt_tokens,
                   len(chunkers))
 
 
 def chat_chunker(state: ServerState, header: dict, with_logprobs: bool, with_usage: bool,
-                 tools: ToolPlan) -> EventBuilder:
-    """One choice's chunk builder: content deltas and tool-call deltas (its own reply parser)."""
+                 tools: ToolPlan, index: int = 0) -> EventBuilder:
+    """Choice `index`'s chunk builder: content deltas and tool-call deltas (its own reply parser)."""
     token_bytes = state.require_engine().token_bytes
     reply = tools.stream()
 
     def chunk(choice: ChatChunkChoice) -> dict:
         return dump_chunk(ChatCompletionChunk(**header, choices=[choice]), with_usage)
+
+    # the common chunk (a content delta alone) encoded once with its text left open
+    content = text_template(chunk(ChatChunkChoice(delta=ChatDelta(content=""))), index, "delta", "content")
 
     def deltas(events: list) -> list[ChatDelta]:
         """Reply events as deltas: content runs, and each call fragment (id, type and name on its first)."""
@@ -331,9 +348,12 @@ def chat_chunker(state: ServerState, header: dict, with_logprobs: bool, with_usa
                 function=FunctionCallDelta(name=event.name, arguments=event.arguments))]))
         return result
 
-    def chunks(out: RequestOutput) -> list[dict]:
+    def chunks(out: RequestOutput) -> list[dict | bytes]:
         result = []
         events = reply.feed(out.new_text) + (reply.finish() if out.finished else [])
+        if (not out.finished and not with_logprobs and len(events) == 1 and isinstance(events[0], ContentDelta)
+                and events[0].text):
+            return [content.fill(events[0].text)]
         logprobs = chat_logprobs(out.new_tokens, token_bytes) if with_logprobs and out.new_tokens else None
         parts = deltas(events) or ([ChatDelta(content="")] if logprobs else [])
         for i, delta in enumerate(parts):   # this update's logprobs ride on its first chunk

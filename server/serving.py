@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # importing the server loads neither torch (with the engine) 
 
 logger = logging.getLogger("kvserve.server")
 
-EventBuilder = Callable[[RequestOutput], Iterable[dict]]
+EventBuilder = Callable[[RequestOutput], Iterable[dict | bytes]]   # bytes: an event encoded already
 
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20

@@ -6,7 +6,7 @@ from kvserve import RequestOutput
 import pytest
 
 from kvserve.async_engine import _QUIET, RequestStream, _Stream
-from kvserve.server.sse import SSEResponse, sse_event
+from kvserve.server.sse import SSEResponse, SSETemplate, sse_event
 
 
 def output(text: str, finished: bool = False) -> RequestOutput:
@@ -206,3 +206,28 @@ def test_a_stream_interval_hands_over_the_first_output_then_k_tokens_at_a_time()
         assert final.finished and len(final.new_tokens) == 2
         stream.close()
     asyncio.run(scenario())
+
+
+HOSTILE_TEXTS = ["ab", "", " ", 'quote " and \\ backslash', "\x00\x01\x1f\x7f", "line\nbreak\r\t", "\u2028\u2029",
+                 "é 你好 🙂", "</script>", "\\u0000", "\x00kvserve-text\x00", '{"choices":[]}']
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS)
+def test_a_templated_chunk_is_the_chunk_encoded_whole(text):
+    chunk = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m é",
+             "choices": [{"index": 3, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}]}
+
+    def put(data, value):
+        data["choices"][0]["delta"]["content"] = value
+    template = SSETemplate(chunk, put)
+    whole = {**chunk, "choices": [{**chunk["choices"][0], "delta": {"content": text}}]}
+    assert template.fill(text) == sse_event(whole)
+    assert chunk["choices"][0]["delta"]["content"] == "x"        # the caller's dict is left alone
+    assert sse_event(template.fill(text)) == template.fill(text)  # encoded events pass through
+
+
+def test_a_template_needs_exactly_one_hole():
+    with pytest.raises(ValueError):
+        SSETemplate({"a": 1}, lambda data, hole: None)
+    with pytest.raises(ValueError):
+        SSETemplate({"a": 1}, lambda data, hole: data.update(a=hole, b=hole))
