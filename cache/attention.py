@@ -54,7 +54,7 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     decode_index: torch.Tensor | None           # rows of single-token decodes
     decode_ctx_lens: list[int]
-    decode_tables: list[list[int]]              # per decode seq: its block table
+    decode_tables: list                         # per decode seq: its block table (array("i") or list)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     triton: "TritonBatch | None" = None        # set when the Triton kernels run this step
     _groups: dict = field(default_factory=dict)
@@ -95,7 +95,7 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
     out = []
     for g in groups:
         nb = nblocks[g[0]]
-        blocks = [b for i in g for b in (meta.decode_tables[i][first[i]:first[i] + nblocks[i]] + [0] * (nb - nblocks[i]))]
+        blocks = [b for i in g for b in (list(meta.decode_tables[i][first[i]:first[i] + nblocks[i]]) + [0] * (nb - nblocks[i]))]
         # decode i is row i of the packed batch (decodes come first), so consecutive decodes are a slice
         rows = slice(g[0], g[0] + len(g)) if g == list(range(g[0], g[0] + len(g))) else meta.decode_index[g]
         spans = {(starts[i] - first[i] * bs, ctx[i] - first[i] * bs) for i in g}

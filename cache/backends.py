@@ -11,7 +11,7 @@ import logging
 import torch
 
 from kvserve.cache.attention import AttentionMetadata, PrefillSeq, TritonBatch
-from kvserve.cache.kv_pool import KVPool, upload
+from kvserve.cache.kv_pool import KVPool, pack_tables, upload
 
 log = logging.getLogger("kvserve")
 
@@ -29,7 +29,7 @@ class TorchBackend:
         for query_len, context_len, table in zip(query_lens[num_decodes:], context_lens[num_decodes:],
                                                  block_tables[num_decodes:]):
             positions = torch.arange(context_len)
-            blocks = torch.tensor(table, dtype=torch.long)[positions // block_size]
+            blocks = torch.tensor(list(table), dtype=torch.long)[positions // block_size]
             prefills.append(PrefillSeq(query_start, query_len, context_len,
                                        (blocks * block_size + positions % block_size).to(device)))
             query_start += query_len
@@ -54,8 +54,9 @@ class TritonBackend:
         cu_seqlens_q = [0]
         for query_len in query_lens[num_decodes:]:
             cu_seqlens_q.append(cu_seqlens_q[-1] + query_len)
+        tables = pack_tables(block_tables, torch.empty(len(block_tables), width, dtype=torch.int32))
         batch = TritonBatch(
-            block_tables=upload([table + [0] * (width - len(table)) for table in block_tables], device, torch.int32),
+            block_tables=tables.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tables,
             seq_lens=upload(context_lens, device, torch.int32),
             num_decodes=num_decodes,
             cu_seqlens_q=upload(cu_seqlens_q, device, torch.int32),

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger("kvserve")
@@ -157,3 +160,15 @@ def upload(values, device: torch.device, dtype: torch.dtype = torch.long) -> tor
     step's inputs, its attention metadata and the sampler's small index lists all come up this way)."""
     tensor = torch.tensor(values, dtype=dtype)
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def pack_tables(tables: Sequence[Sequence[int]], out: torch.Tensor) -> torch.Tensor:
+    """Block tables into the rows of `out` (a host int32 tensor [>= len(tables), >= their longest]),
+    each zero-padded; rows past len(tables) are left as they are. The scheduler's tables are
+    array("i"): one memcpy per row (256 tables of 1,024 blocks: torch.tensor on padded nested
+    lists took ~15 ms, numpy from lists ~4.5)."""
+    rows = out.numpy()
+    rows[:len(tables)] = 0
+    for i, table in enumerate(tables):
+        rows[i, :len(table)] = np.frombuffer(table, np.int32) if isinstance(table, array) else table
+    return out

@@ -19,6 +19,7 @@ import time
 import torch
 
 from kvserve.cache.attention import AttentionMetadata, TritonBatch
+from kvserve.cache.kv_pool import pack_tables
 
 log = logging.getLogger("kvserve")
 
@@ -133,7 +134,7 @@ class DecodeGraphs:
         # entries there, and in padding rows, are harmless.
         width = max(len(t) for t in tables)
         packed = self.host_tables[:batch_size * width].view(batch_size, width)
-        packed[:n] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        pack_tables(tables, packed)
         packed[n:] = 0
         for host, dev in ((self.host_ids, self.ids), (self.host_pos, self.pos), (self.host_slots, self.slots),
                           (self.host_lens, self.seq_lens)):

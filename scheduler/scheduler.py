@@ -21,7 +21,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)        # per row: tokens computed this step
     context_lens: list[int] = field(default_factory=list)      # per row: tokens with K/V after the step
-    block_tables: list[list[int]] = field(default_factory=list)  # per row: the sequence's KV blocks
+    block_tables: list = field(default_factory=list)   # per row: the sequence's KV blocks, an array("i")
     num_decodes: int = 0                                        # rows [0, num_decodes) decode one token
     sample_rows: list[int] = field(default_factory=list)       # rows that reach their sequence's end
     prompt_logprob_rows: list[int] = field(default_factory=list)  # rows whose every token's logits are kept
@@ -192,7 +192,7 @@ class Scheduler:
         for row, seq in enumerate(rows):
             n = scheduled[seq]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            block_ids = self.kv.block_ids(seq.request_id)
+            block_ids = self.kv.block_table(seq.request_id)
             out.seqs.append(seq)
             out.num_tokens.append(n)
             out.context_lens.append(end)

@@ -140,6 +140,15 @@ class KVCacheMachine(RuleBasedStateMachine):
         for sid, table in self.kv.block_tables.items():
             assert len(table) * BLOCK >= self.computed[sid]
 
+    @invariant()
+    def block_ids_mirror_the_tables(self):
+        """The ids kept beside each table (so a step copies a list instead of walking Blocks) follow
+        it through allocation, prefix hits, reloads, copy-on-write, forks and frees."""
+        assert self.kv.table_ids.keys() == self.kv.block_tables.keys()
+        for sid, table in self.kv.block_tables.items():
+            assert self.kv.block_ids(sid) == [block.block_id for block in table]
+            assert self.kv.num_published.get(sid, 0) <= self.computed[sid] // BLOCK
+
     def teardown(self):
         for sid in list(self.kv.block_tables):
             self.kv.free(sid)
@@ -246,3 +255,25 @@ def test_one_step_never_queues_two_copies_into_one_host_block():
     assert kv.allocate_slots("b", 0, 4 * BLOCK)   # evicts both cached blocks in one step
     offloads, _, _ = kv.take_moves()
     assert len(offloads) == 1 and len({h for _, h in offloads}) == 1
+
+
+def test_blocks_filled_a_token_at_a_time_are_all_published():
+    """Decode steps publish each block as it fills (incrementally: a step does not walk the whole
+    table), also after a fork whose first write copies the shared partial block."""
+    kv = KVCacheManager(32, BLOCK, enable_caching=True, hash_seed=b"m")
+    tokens = [1, 2, 3, 0, 1]
+    assert kv.allocate_slots("a", 0, len(tokens))
+    kv.cache_full_blocks("a", tokens, len(tokens))
+    while len(tokens) < 5 * BLOCK + 2:        # decode: one token per step
+        tokens.append(len(tokens) % 4)
+        assert kv.allocate_slots("a", len(tokens) - 1, 1)
+        kv.cache_full_blocks("a", tokens, len(tokens))
+    kv.fork("a", "b")                         # b shares a's blocks, its partial last one too
+    other = tokens + [3, 3, 3]
+    assert kv.allocate_slots("b", len(tokens), 3)
+    assert kv.take_pending_copies(), "b's first write into the shared partial block copies it"
+    kv.cache_full_blocks("b", other, len(other))
+    assert kv.block_ids("b")[:5] == kv.block_ids("a")[:5] and kv.block_ids("b")[5] != kv.block_ids("a")[5]
+    for seq, toks in (("a", tokens), ("b", other)):
+        hits = kv.find_cached_prefix(f"probe-{seq}", toks + [0])
+        assert [h.block_id for h in hits] == kv.block_ids(seq)[:len(toks) // BLOCK], seq
