@@ -17,6 +17,7 @@ BENCHMARKS = {
     "decode-floor": "kvserve.bench.decode_floor",
     "structured": "kvserve.bench.structured",
     "tp": "kvserve.bench.tp",
+    "host-step": "kvserve.bench.host_step",
 }
 
 

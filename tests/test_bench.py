@@ -228,3 +228,19 @@ def test_throughput_benchmark_reports_its_compute_floor(tmp_path):
     floor = payload["compute_floor"]
     assert floor["flops"] > 0 and floor["matmul_flops_per_s"] > 0 and floor["seconds"] > 0
     assert "compute floor: " in proc.stdout and "kvserve took " in proc.stdout and "machine: " in proc.stdout
+
+
+def test_host_step_benchmark_end_to_end(tmp_path):
+    """`kvserve bench host-step`: the host work of a decode step, per context length, with the machine."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "kvserve", "bench", "host-step", "--batch", "8", "--contexts", "32", "300",
+           "--steps", "3"]
+    proc = subprocess.run(cmd, cwd=cwd, env=bench_env(tmp_path), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((cwd / "bench-results" / "host-step" / "host-step.json").read_text())
+    assert payload["benchmark"] == "host-step" and payload["machine"]["cpu_model"]
+    assert [(r["context"], r["blocks_per_sequence"]) for r in payload["results"]] == [(32, 3), (300, 19)]
+    assert all(r["schedule_ms"] > 0 and r["pack_ms"] > 0 for r in payload["results"])
+    assert "host work per decode step of 8 sequences" in proc.stdout
