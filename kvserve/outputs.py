@@ -69,9 +69,10 @@ class RequestOutput:
     @property
     def new_text(self) -> str:
         """The stop-string-aware text delta (text that may still start a stop string is held back)."""
-        if not isinstance(self._new_text, str):
-            self._new_text = "".join(self._new_text)
-        return self._new_text
+        text = self._new_text       # read once: another thread may be building it too
+        if not isinstance(text, str):
+            text = self._new_text = "".join(text)
+        return text
 
     @new_text.setter
     def new_text(self, value: str) -> None:
@@ -80,9 +81,10 @@ class RequestOutput:
     @property
     def text(self) -> str:
         """All output text so far (same rules as new_text)."""
-        if isinstance(self._text, Prefix):
-            self._text = "".join(self._text.items[:self._text.n])
-        return self._text
+        text = self._text
+        if isinstance(text, Prefix):
+            text = self._text = "".join(text.items[:text.n])
+        return text
 
     @text.setter
     def text(self, value: str) -> None:
@@ -91,9 +93,10 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         """All output token ids so far."""
-        if isinstance(self._token_ids, Prefix):
-            self._token_ids = self._token_ids.items[:self._token_ids.n]
-        return self._token_ids
+        ids = self._token_ids
+        if isinstance(ids, Prefix):
+            ids = self._token_ids = ids.items[:ids.n]
+        return ids
 
     @token_ids.setter
     def token_ids(self, value: list[int]) -> None:
@@ -109,7 +112,7 @@ class RequestOutput:
         """Become the delta of this update and a newer one of the same request (for a reader that
         did not take this one yet): new tokens and text add up, the rest is taken from `newer`.
         Amortized O(1) per merge: a reader far behind (a client that stopped reading) costs no
-        quadratic copying."""
+        quadratic copying. This output's new_tokens list grows in place (`newer` is only read)."""
         self.new_tokens.extend(newer.new_tokens)
         if isinstance(self._new_text, str):
             self._new_text = [self._new_text]
@@ -121,6 +124,19 @@ class RequestOutput:
         for name in ("finished", "finish_reason", "stop_reason", "num_cached_tokens", "metrics", "error",
                      "prompt_logprobs"):
             setattr(self, name, getattr(newer, name))
+
+    def _fields(self) -> tuple:
+        return (self.request_id, self.prompt_token_ids, self.new_tokens, self.new_text, self.text, self.token_ids,
+                self.finished, self.finish_reason, self.stop_reason, self.num_cached_tokens, self.metrics, self.error,
+                self.prompt_logprobs)
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field, as when this was a dataclass (the lazy fields compare by value)."""
+        if not isinstance(other, RequestOutput):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None     # mutable, like the dataclass it was
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, new_tokens={len(self.new_tokens)}, "

@@ -99,3 +99,6 @@ def test_an_output_built_by_hand_behaves_like_a_plain_record():
     out.text, out.token_ids = "x", [9]
     assert (out.text, out.token_ids, out.num_output_tokens) == ("x", [9], 1)
     assert "request_id='r'" in repr(out)
+    same = RequestOutput("r", [1], [TokenInfo(5, "a", 0.0, False), TokenInfo(6, "b", 0.0, False)], "ab", "x", [9],
+                         finished=True)
+    assert out == same and out != RequestOutput("r", [1], [], "ab", "x", [9], finished=True)
