@@ -98,6 +98,11 @@ class KVCacheManager:
     def allocate_slots(self, seq_id: Hashable, num_computed: int, num_new: int,
                        cached_prefix: Sequence[PrefixHit] = ()) -> bool:
         """Make room for tokens [num_computed, num_computed + num_new). All or nothing."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and not cached_prefix:   # a running sequence's step: mostly nothing to do
+            needed = -(-(num_computed + num_new) // self.block_size) > len(table)
+            if not needed and not self._needs_copy(table, num_computed):
+                return True
         table = self.block_tables.setdefault(seq_id, [])
         ids = self.table_ids.setdefault(seq_id, array("i"))
         if cached_prefix:

@@ -185,9 +185,11 @@ class Scheduler:
     def _output(self, scheduled: dict[Sequence, int]) -> SchedulerOutput:
         """Lay the step out for the runner: decodes first, then per-row and per-token lists."""
         out = SchedulerOutput(kv_moves=self.kv.take_moves())
-        decodes = [seq for seq in scheduled if seq.is_decoding]
+        decodes, others = [], []
+        for seq in scheduled:
+            (decodes if seq.is_decoding else others).append(seq)
         out.num_decodes = len(decodes)
-        rows = decodes + [seq for seq in scheduled if not seq.is_decoding] if decodes else list(scheduled)
+        rows = decodes + others
         block_size = self.kv.block_size
         for row, seq in enumerate(rows):
             n = scheduled[seq]
