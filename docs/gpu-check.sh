@@ -51,6 +51,8 @@ step 75 served.log python3 -m kvserve.bench served --device cuda --model-shape "
     --out-dir "$BENCH/served-sync"
 step 75 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
     --async-scheduling --out-dir "$BENCH/served-async"
-grep -h "passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|probe p99\|TTFT\|kvserve_async\|^kvserve " \
+# the host's own share: scheduling and block-table packing per decode step of 256, by context length (CPU only)
+step 20 host_step.log python3 -m kvserve.bench host-step --out-dir "$BENCH/host-step"
+grep -h "passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|probe p99\|TTFT\|kvserve_async\|^kvserve \|^16,384" \
     "$OUT"/*.log >"$OUT/summary.txt" 2>/dev/null
 cat "$OUT/summary.txt"
