@@ -450,7 +450,7 @@ class AsyncEngine:
                 if message[0] == "kv_snapshot":
                     self._on_kv_snapshot(*message[1:])
                     continue
-                self._on_step(*message[1:])
+                self._on_step(engine_proc.unpack_outputs(message[1]), *message[2:])
         except (EOFError, OSError, RuntimeError) as exc:
             if self._stopping and not isinstance(exc, RuntimeError):
                 return

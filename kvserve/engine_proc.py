@@ -7,7 +7,8 @@ by kvserve itself (client input crosses as ids and validated SamplingParams, nev
   API -> core   a list of commands: ("add", id, prompt_ids, params, arrival_time, parent_id), ("abort", id),
                 ("stop", id) (a stop string ended it), ("kv_snapshot",), ("shutdown",)
   core -> API   ("ready", info) once loaded, or ("error", exception) if loading failed;
-                then one ("step", outputs, stats, step_stats, adds_taken) per step (and one after
+                then one ("step", outputs, stats, step_stats, adds_taken) per step, the outputs packed
+                by pack_outputs (the CoreOutputs as columns, the refusals) (and one after
                 commands that changed something while idle); ("kv_snapshot", json_bytes or the exception,
                 seconds_it_took) between two steps when asked (GET /kv); ("dead", message) if the loop dies.
 
@@ -149,7 +150,7 @@ def _loop(core, commands: Connection, results: Connection) -> None:
                     snapshot_wanted = True
                 elif kind == "shutdown":
                     outputs += [core.abort(request_id) for request_id in list(core.requests)]
-                    _send(results, ("step", outputs, core.stats(), None, adds_taken))
+                    _send(results, ("step", pack_outputs(outputs), core.stats(), None, adds_taken))
                     return
             changed = True
         if snapshot_wanted:   # between two step() calls (with async scheduling, a forward may be running:
@@ -165,8 +166,24 @@ def _loop(core, commands: Connection, results: Connection) -> None:
         if core.has_unfinished():
             outputs += core.step()
         if outputs or changed or step_stats:    # an empty schedule (nothing fits yet) sends nothing
-            _send(results, ("step", outputs, core.stats(), step_stats[-1] if step_stats else None, adds_taken))
+            _send(results, ("step", pack_outputs(outputs), core.stats(), step_stats[-1] if step_stats else None,
+                            adds_taken))
         step_stats.clear()
+
+
+def pack_outputs(outputs: list) -> tuple[tuple, list]:
+    """A step's outputs for the pipe: the CoreOutputs as columns, one tuple per field (a fifth of the
+    time to pickle 256 of them as namedtuples: ~40 vs ~220 us), and the refusals, (request_id, error)."""
+    from kvserve.engine import CoreOutput
+    core = [out for out in outputs if isinstance(out, CoreOutput)]
+    return tuple(zip(*core)), [out for out in outputs if not isinstance(out, CoreOutput)]
+
+
+def unpack_outputs(packed: tuple[tuple, list]) -> list:
+    """pack_outputs' inverse (the refusals after the CoreOutputs)."""
+    from kvserve.engine import CoreOutput
+    columns, refused = packed
+    return list(map(CoreOutput._make, zip(*columns))) + refused
 
 
 def _send(conn: Connection, message) -> None:

@@ -133,3 +133,19 @@ def test_http_outputs_equal_transformers_streamed_and_not_while_batched(arch_ser
         if diff is not None:   # an exact float32 tie may flip; anything else is a bug
             gap = abs(float(logits[diff][ours[diff]] - logits[diff][ref[diff]]))
             assert gap <= TIE_TOLERANCE, (prompt, diff, ours, ref, gap)
+
+
+def test_a_steps_outputs_cross_the_pipe_as_columns_and_come_back_the_same():
+    import pickle
+
+    from kvserve.engine import CoreOutput
+    from kvserve.engine_proc import pack_outputs, unpack_outputs
+
+    outputs = [CoreOutput("a", 5, -0.25, None, None, 16, 1.5),
+               ("refused", ValueError("bad")),
+               CoreOutput("b", None, 0.0, "abort", None, 0, None, "boom"),
+               CoreOutput("c", 7, -1.0, "stop", "</s>", 3, 2.0, None, [(7, -1.0), (9, -2.0)], [None, (-0.5, None)])]
+    back = unpack_outputs(pickle.loads(pickle.dumps(pack_outputs(outputs))))
+    assert back[:3] == [outputs[0], outputs[2], outputs[3]] and all(isinstance(o, CoreOutput) for o in back[:3])
+    assert back[3][0] == "refused" and isinstance(back[3][1], ValueError)
+    assert unpack_outputs(pack_outputs([])) == []
