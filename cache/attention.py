@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvserve.cache.kv_pool import pack_tables
+
 DECODE_GROUP_PADDING = 1.25  # padded work / real work allowed inside one decode group
 
 
@@ -95,17 +97,23 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
     out = []
     for g in groups:
         nb = nblocks[g[0]]
-        blocks = [b for i in g for b in (list(meta.decode_tables[i][first[i]:first[i] + nblocks[i]]) + [0] * (nb - nblocks[i]))]
+        # each row's attended blocks, zero-padded to the group's width: one memcpy per row
+        blocks = pack_tables([meta.decode_tables[i][first[i]:first[i] + nblocks[i]] for i in g],
+                             torch.empty(len(g), nb, dtype=torch.int32)).view(-1).to(device=device, dtype=torch.long)
         # decode i is row i of the packed batch (decodes come first), so consecutive decodes are a slice
         rows = slice(g[0], g[0] + len(g)) if g == list(range(g[0], g[0] + len(g))) else meta.decode_index[g]
         spans = {(starts[i] - first[i] * bs, ctx[i] - first[i] * bs) for i in g}
         if len(spans) == 1:     # e.g. one row: slice the gathered keys instead of building a mask (no padding)
             (lo, hi), = spans
-            out.append(DecodeGroup(rows, torch.tensor(blocks, device=device), None, slice(lo, hi)))
+            out.append(DecodeGroup(rows, blocks, None, slice(lo, hi)))
             continue
-        pos = torch.tensor([first[i] * bs for i in g])[:, None] + torch.arange(nb * bs)[None, :]
-        mask = (pos >= torch.tensor([ctx[i] for i in g])[:, None]) | (pos < torch.tensor([starts[i] for i in g])[:, None])
-        out.append(DecodeGroup(rows, torch.tensor(blocks, device=device), mask[:, None, :].to(device)))
+        # positions relative to each row's first gathered block: a key is masked past the row's context
+        # or (with a window) before its start
+        offsets = torch.arange(nb * bs)[None, :]
+        mask = offsets >= torch.tensor([ctx[i] - first[i] * bs for i in g])[:, None]
+        if window:
+            mask |= offsets < torch.tensor([starts[i] - first[i] * bs for i in g])[:, None]
+        out.append(DecodeGroup(rows, blocks, mask[:, None, :].to(device)))
     return out
 
 
