@@ -170,5 +170,6 @@ def pack_tables(tables: Sequence[Sequence[int]], out: torch.Tensor) -> torch.Ten
     rows = out.numpy()
     rows[:len(tables)] = 0
     for i, table in enumerate(tables):
-        rows[i, :len(table)] = np.frombuffer(table, np.int32) if isinstance(table, array) else table
+        fast = isinstance(table, array) and table.typecode == "i"   # C int, 4 bytes: a plain memcpy
+        rows[i, :len(table)] = np.frombuffer(table, np.int32) if fast else table
     return out
