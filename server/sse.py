@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -35,7 +36,6 @@ class SSETemplate:
 
     def __init__(self, data: dict, put_hole: Callable[[dict, str], None]):
         """put_hole(data, HOLE) puts the placeholder where the text goes (data is left alone)."""
-        import copy
         data = copy.deepcopy(data)
         put_hole(data, self.HOLE)
         encoded = sse_event(data)
