@@ -153,7 +153,8 @@ def test_keepalive_comments_while_waiting_for_first_token(server):
                 for lines_of in (first_a, first_b):   # both running (on a loaded CPU the first token can
                     while (await anext(lines_of)) == ": keep-alive":   # take longer than one keep-alive)
                         pass
-                queued = {"model": "demo", "prompt": "queued", "max_tokens": 3, "stream": True}
+                queued = {"model": "demo", "prompt": "queued", "max_tokens": 3, "stream": True,
+                          "ignore_eos": True}   # sampled (temperature 1): an EOS in 3 tokens would end it early
                 async with client.stream("POST", "/v1/completions", json=queued) as c:
                     assert c.status_code == 200
                     lines = c.aiter_lines()
