@@ -44,8 +44,9 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256     # largest captured decode batch (bigger ones run eagerly)
     seed: int = 0
     logprobs_mode: str = "raw"          # raw: log-softmax of the model's logits; processed: of what was sampled from
-    cpu_weight_layout: str = "auto"     # CPU: auto lays each linear weight out as its BLAS runs fastest (measured
-                                        # at load); "row": as stored
+    cpu_weight_layout: str = "auto"     # CPU: auto fuses sibling projections (q/k/v, gate/up) into one matmul and
+                                        # lays each linear weight out as its BLAS runs fastest (measured at load);
+                                        # "row": every weight as stored (kvserve.cpu_weights)
     compile: bool = False               # CPU: torch.compile the model at start-up (inductor; needs a C++ compiler)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (kvserve.distributed); 1: one process
     async_scheduling: bool = False      # schedule step n+1 while step n runs (on a forward thread)

@@ -10,6 +10,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 
 from kvserve.cache.attention import paged_attention
 from kvserve.config import EngineConfig
+from kvserve.cpu_weights import fuse_sibling_projections, tune_linear_layouts
 
 log = logging.getLogger("kvserve")
 ATTN_NAME = "kvserve_paged"
@@ -57,55 +58,14 @@ def load(cfg: EngineConfig):
     (model if tensor_parallel else model.to(device)).eval()
     _skip_padding_check(model)
     if device.type == "cpu" and cfg.cpu_weight_layout == "auto" and not tensor_parallel:   # not on sharded weights
+        fused = fuse_sibling_projections(model)
+        if fused:
+            log.info("fused %d sets of sibling projections (q/k/v, gate/up) into one matmul each", fused)
         tune_linear_layouts(model, decode_batch=min(cfg.max_num_seqs, 64))
     log.info("loaded %s in %.1fs: %s, %.1fM parameters (transformers %s)", cfg.model,
              time.perf_counter() - t0, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, transformers.__version__)
     return model, tokenizer, hf_config, device, dtype
-
-
-@torch.inference_mode()
-def tune_linear_layouts(model, decode_batch: int, margin: float = 0.9) -> list[tuple[int, int]]:
-    """Store a linear layer's weight column-major ((in, out) contiguous, seen through a transposed view)
-    where this CPU's BLAS runs it faster. F.linear then multiplies by a contiguous (in, out) matrix:
-    on some CPUs the transposed GEMV of a large row-major weight is several times slower (a 32000 x 256
-    lm_head: 3.9 ms vs 1.1 ms per token on a 2-core AMD EPYC). Measured per weight shape at load, at
-    batch 1 and at decode_batch rows; kept only when at least 1/margin faster. The values, and so the
-    outputs, are unchanged. Returns the (out, in) shapes switched."""
-    layers: dict[tuple, list[torch.nn.Linear]] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype.is_floating_point \
-                and module.weight.is_contiguous():
-            layers.setdefault((*module.weight.shape, module.weight.dtype), []).append(module)
-    switched = []
-    for (out_features, in_features, dtype), modules in layers.items():
-        # timed over up to 4 layers' own weights in turn, as a forward meets them (not one weight kept hot)
-        sample = list({id(m.weight): m.weight for m in modules}.values())[:4]
-        copies = [weight.t().contiguous().t() for weight in sample]
-        inputs = [torch.randn(rows, in_features, dtype=dtype) for rows in sorted({1, max(1, decode_batch)})]
-        row_time = sum(_time_linears(x, sample) for x in inputs)
-        column_time = sum(_time_linears(x, copies) for x in inputs)
-        if column_time >= margin * row_time:
-            continue
-        switched.append((out_features, in_features))
-        for module in modules:
-            if module.weight.is_contiguous():      # a weight tied to one switched already is not again
-                module.weight.data = module.weight.t().contiguous().t()
-        log.info("linear %d x %d (%d layers): column-major weights, %.3f ms vs %.3f ms at batch 1 and %d",
-                 out_features, in_features, len(modules), column_time * 1e3, row_time * 1e3, decode_batch)
-    return switched
-
-
-def _time_linears(x: torch.Tensor, weights: list[torch.Tensor], reps: int = 5) -> float:
-    """The fastest of reps passes over the weights (after one warm-up): the least disturbed by other work."""
-    best = float("inf")
-    for rep in range(reps + 1):
-        t0 = time.perf_counter()
-        for weight in weights:
-            torch.nn.functional.linear(x, weight)
-        if rep:
-            best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def load_tokenizer(cfg: EngineConfig):
