@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ class PrefillSeq:
 @dataclass
 class DecodeGroup:
     rows: slice | torch.Tensor     # its B rows of the packed batch: a slice when they are consecutive
-    blocks: torch.Tensor           # [B * nb] block ids covering the attended keys, padded
+    blocks: torch.Tensor | slice   # [B * nb] block ids covering the attended keys, padded; a slice of the
+                                   # pool when the group is one row whose blocks are consecutive (no gather)
     mask: torch.Tensor | None      # [B, 1, nb * block_size] True where not attended; None if all are
     keys: slice | None = None      # when every row attends the same span of its gathered blocks: that
                                    # span (no mask needed; mask is then None)
@@ -97,6 +99,14 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
     out = []
     for g in groups:
         nb = nblocks[g[0]]
+        if len(g) == 1:      # one row (batch-1 decode): its blocks, when they are a run of ids, are a view
+            i = g[0]
+            table = meta.decode_tables[i][first[i]:first[i] + nb]
+            if _is_run(table):
+                rows = slice(i, i + 1)      # decode i is row i of the packed batch (decodes come first)
+                lo = starts[i] - first[i] * bs
+                out.append(DecodeGroup(rows, slice(table[0], table[0] + nb), None, slice(lo, ctx[i] - first[i] * bs)))
+                continue
         # each row's attended blocks, zero-padded to the group's width: one memcpy per row
         blocks = pack_tables([meta.decode_tables[i][first[i]:first[i] + nblocks[i]] for i in g],
                              torch.empty(len(g), nb, dtype=torch.int32)).view(-1).to(device=device, dtype=torch.long)
@@ -115,6 +125,15 @@ def _group_decodes(meta: AttentionMetadata, window: int | None) -> list[DecodeGr
             mask |= offsets < torch.tensor([starts[i] - first[i] * bs for i in g])[:, None]
         out.append(DecodeGroup(rows, blocks, mask[:, None, :].to(device)))
     return out
+
+
+def _is_run(table) -> bool:
+    """Block ids b, b+1, ..., b+n-1: a freshly allocated sequence's often are (the pool hands out blocks
+    in order), and then its keys are a view of the pool instead of a gathered copy."""
+    if not table:
+        return False
+    run = range(table[0], table[0] + len(table))
+    return table == (array("i", run) if isinstance(table, array) else list(run))
 
 
 def _prefill_mask(p: PrefillSeq, window: int | None) -> tuple[int, torch.Tensor | None]:
@@ -234,8 +253,11 @@ def _attend_decode(q, k_cache, v_cache, g: DecodeGroup, scale, softcap):
     softcap), or per KV head one bmm over strided views (Gemma-2's softcap) -> [B, H, D]."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    k = k_cache.index_select(0, g.blocks).view(b, -1, kvh, d)      # [B, L, KVH, D]
-    v = v_cache.index_select(0, g.blocks).view(b, -1, kvh, d)
+    if isinstance(g.blocks, slice):                                  # one row's run of blocks: a view
+        k, v = k_cache[g.blocks].view(1, -1, kvh, d), v_cache[g.blocks].view(1, -1, kvh, d)
+    else:
+        k = k_cache.index_select(0, g.blocks).view(b, -1, kvh, d)      # [B, L, KVH, D]
+        v = v_cache.index_select(0, g.blocks).view(b, -1, kvh, d)
     if g.keys is not None:
         k, v = k[:, g.keys], v[:, g.keys]
     if softcap is None:
