@@ -151,7 +151,7 @@ def _stats_dict(llm) -> dict | None:
 
 def _profile(args, path, reqs, kv_blocks) -> dict:
     from kvserve.bench.profiling import profile_kvserve
-    llm = _kvserve(args, path, reqs, kv_blocks)
+    llm = _kvserve(args, path, reqs, kv_blocks, "kvserve")
     sl = [Request(r.prompt_token_ids, min(r.max_tokens, args.profile_tokens)) for r in reqs[:args.profile_requests]]
     kvserve_generate(llm, warmup_slice(reqs, args.warmup), args.device, desc="kvserve warm-up")
     return profile_kvserve(llm, sl, args.device)

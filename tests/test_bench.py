@@ -215,12 +215,14 @@ def test_offload_benchmark_end_to_end(tmp_path):
 
 
 def test_throughput_benchmark_reports_its_compute_floor(tmp_path):
-    """`kvserve bench throughput` on the tiny model, kvserve alone: the table, the ratios' machine line, and
-    the compute floor (the workload's matmul FLOPs over a GEMM rate measured on this machine)."""
+    """`kvserve bench throughput` on the tiny model, kvserve alone: the table, the ratios' machine line,
+    the compute floor (the workload's matmul FLOPs over a GEMM rate measured on this machine), and with
+    --profile where the step time goes."""
     cwd = tmp_path / "work"
     cwd.mkdir()
     cmd = [sys.executable, "-m", "kvserve", "bench", "throughput", "--model-shape", "tiny", "--systems", "kvserve",
-           "--num-requests", "4", "--prompt-len", "8:16", "--output-len", "4:8", "--threads", "1"]
+           "--num-requests", "4", "--prompt-len", "8:16", "--output-len", "4:8", "--threads", "1",
+           "--profile", "--profile-requests", "2", "--profile-tokens", "4"]
     proc = subprocess.run(cmd, cwd=cwd, env=bench_env(tmp_path), capture_output=True, text=True, timeout=180,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -228,6 +230,7 @@ def test_throughput_benchmark_reports_its_compute_floor(tmp_path):
     floor = payload["compute_floor"]
     assert floor["flops"] > 0 and floor["matmul_flops_per_s"] > 0 and floor["seconds"] > 0
     assert "compute floor: " in proc.stdout and "kvserve took " in proc.stdout and "machine: " in proc.stdout
+    assert payload["profile"]          # --profile ran (it once broke on a changed helper's signature)
 
 
 def test_host_step_benchmark_end_to_end(tmp_path):
