@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 log = logging.getLogger("kvserve")
 
+TUNED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # (no random inputs in float8 to time with)
+
 # Linears of one parent module that transformers' models call on the same input, in these names.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -23,9 +25,10 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class FusedProjection(nn.Linear):
     """Sibling linears' weights (and biases) stacked into one Linear. Each sibling is replaced by a
     ProjectionSlice: the first one called on an input computes every sibling's output in one matmul; the
-    others take their part of it when called on that same tensor object. Any other input (a model that
-    calls the siblings on different tensors) is computed for the asking sibling alone, so the result is
-    always that sibling's own linear."""
+    others take their part of it when called on that same tensor object. Another input (a model that calls
+    the siblings on different tensors), or a part asked for twice, is computed afresh, so each result is
+    that sibling's own linear of its input. The one assumption: the input is not edited in place between
+    the siblings' calls (no transformers model does; inference tensors carry no version counter to check)."""
 
     def __init__(self, linears: list[nn.Linear]):
         first = linears[0]
@@ -38,15 +41,18 @@ class FusedProjection(nn.Linear):
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self._input: torch.Tensor | None = None     # the tensor the parts below were computed from
         self._parts: tuple[torch.Tensor, ...] | None = None
-        self._left = 0                              # parts not yet taken; the stash is dropped at 0
+        self._taken = 0                             # bit i: part i was handed out (then it is not again)
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if self._input is not x:
+        """Sibling `index`'s output for x: from the stash when x is the tensor it was computed from and this
+        part was not handed out yet, else computed afresh (all parts again)."""
+        bit = 1 << index
+        if self._input is not x or self._taken & bit:
             self._parts = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
-            self._input, self._left = x, len(self.sizes)
+            self._input, self._taken = x, 0
         out = self._parts[index]
-        self._left -= 1
-        if self._left == 0:          # every sibling served: hold no tensor between forwards
+        self._taken |= bit
+        if self._taken == (1 << len(self.sizes)) - 1:   # every sibling served: hold no tensor between forwards
             self._input = self._parts = None
         return out
 
@@ -86,11 +92,12 @@ class ProjectionSlice(nn.Module):
 
 def fuse_sibling_projections(model: nn.Module) -> int:
     """Replace each set of SIBLINGS that are plain nn.Linear layers of one input width, dtype, device and
-    bias-ness, with no hooks and no weight shared elsewhere, by a FusedProjection. Returns how many sets."""
-    uses: dict[int, int] = {}
+    bias-ness, with no hooks, held by no other module and no weight shared elsewhere, by a FusedProjection.
+    Returns how many sets."""
+    uses: dict[int, int] = {}       # id of a parameter or a module -> how many modules hold it
     for module in model.modules():
-        for param in module.parameters(recurse=False):
-            uses[id(param)] = uses.get(id(param), 0) + 1
+        for item in [*module.parameters(recurse=False), *(m for m in module._modules.values() if m is not None)]:
+            uses[id(item)] = uses.get(id(item), 0) + 1
     fused = 0
     for parent in list(model.modules()):
         for names in SIBLINGS:
@@ -109,9 +116,11 @@ def _fusable(linears: list, uses: dict[int, int]) -> bool:
     if not all(type(m) is nn.Linear for m in linears):      # not a subclass (quantized, LoRA, ...)
         return False
     first = linears[0]
-    return all(m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
-               and m.weight.device == first.weight.device and (m.bias is None) == (first.bias is None)
-               and not (m._forward_hooks or m._forward_pre_hooks)
+    dtype, device = first.weight.dtype, first.weight.device
+    return all(m.in_features == first.in_features and m.weight.dtype == dtype and m.weight.device == device
+               and (m.bias is None) == (first.bias is None)
+               and (m.bias is None or (m.bias.dtype == dtype and m.bias.device == device))
+               and not (m._forward_hooks or m._forward_pre_hooks) and uses[id(m)] == 1
                and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))
                for m in linears)
 
@@ -129,7 +138,7 @@ def tune_linear_layouts(model, decode_batch: int, margin: float = 0.9) -> list[t
     shapes switched."""
     layers: dict[tuple, list[torch.nn.Linear]] = {}
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype.is_floating_point \
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype in TUNED_DTYPES \
                 and module.weight.is_contiguous():
             layers.setdefault((*module.weight.shape, module.weight.dtype), []).append(module)
     weight_bytes = sum(m.weight.nbytes for modules in layers.values() for m in modules)
