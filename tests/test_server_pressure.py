@@ -3,6 +3,7 @@ their pace, scrapes never wait for a step, and a dead engine takes the process d
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from kvserve import AsyncEngine, EngineConfig
-from kvserve.server.app import create_app
+from kvserve.server.app import GC_YOUNG_THRESHOLD, create_app
 from test_server_api import running_server
 
 STREAM = {"inputs": "steady", "parameters": {"max_new_tokens": 160, "ignore_eos": True}}
@@ -74,12 +75,15 @@ def test_a_20_mib_body_is_refused_at_once_while_streams_keep_their_pace(server, 
 
 def test_scrapes_never_wait_for_a_step(demo_model_dir):
     """/metrics, /info and /health answer at once while the engine is stuck in a step (here its
-    process is stopped: it reads nothing and sends nothing)."""
+    process is stopped: it reads nothing and sends nothing). While serving, the heap loaded at start is
+    frozen and young collections are rarer; both are undone at shutdown."""
     engine = AsyncEngine(EngineConfig(model=demo_model_dir, num_kv_blocks=64, device="cpu"))
     app = create_app(engine, "demo")
+    thresholds = gc.get_threshold()
 
     async def main():
         async with app.router.lifespan_context(app):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:]) and gc.get_freeze_count() > 0
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://kvserve", timeout=30) as client:
                 os.kill(engine.pid, signal.SIGSTOP)
@@ -101,3 +105,4 @@ def test_scrapes_never_wait_for_a_step(demo_model_dir):
 
     times = asyncio.run(main())
     assert max(times) < 0.5, times
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
