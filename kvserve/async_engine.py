@@ -49,8 +49,12 @@ class _Stream:
     With `quiet_after`, a reader waiting that long since the last output (or keep-alive) is woken
     with _QUIET (and handed what has gathered, if anything). One timer per stream, re-armed only when
     it fires: an output costs no timer. With `interval` k > 1, the reader gets the first output at
-    once, then outputs of k tokens (the final one, an error or a quiet spell hands over fewer)."""
-    __slots__ = ("loop", "items", "waiter", "ended", "quiet_after", "last", "timer", "interval", "delivered")
+    once, then outputs of k tokens (the final one, an error or a quiet spell hands over fewer).
+
+    With a `sink` (RequestStream.deliver_to), an output that is not the final one and finds the
+    reader waiting with nothing unread goes to sink(output) instead, unless the sink refuses it."""
+    __slots__ = ("loop", "items", "waiter", "ended", "quiet_after", "last", "timer", "interval", "delivered",
+                 "sink")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, quiet_after: float | None = None, interval: int = 1):
         self.loop = loop
@@ -62,6 +66,7 @@ class _Stream:
         self.timer: asyncio.TimerHandle | None = None
         self.interval = interval
         self.delivered = False                  # the reader has had an output (the first goes at once)
+        self.sink: Callable[[RequestOutput], bool] | None = None
 
     def _ready(self) -> bool:
         if not self.items:
@@ -77,6 +82,12 @@ class _Stream:
         an abort already ended the stream)."""
         if self.ended:
             return
+        if (self.sink is not None and self.waiter is not None and not self.items and self.interval == 1
+                and type(item) is RequestOutput and not item.finished and self._sunk(item)):
+            self.delivered = True
+            if self.quiet_after is not None:
+                self.last = self.loop.time()
+            return
         self.ended = isinstance(item, BaseException) or item.finished
         last = self.items[-1] if self.items else None
         if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
@@ -87,6 +98,16 @@ class _Stream:
             self.last = self.loop.time()
         if self.waiter is not None and not self.waiter.done() and self._ready():
             self.waiter.set_result(None)
+
+    def _sunk(self, item: RequestOutput) -> bool:
+        """Offer the sink an output: True if it took it. A sink that raises is dropped (the other
+        streams of the step still get their outputs) and the reader takes this one."""
+        try:
+            return self.sink(item)
+        except Exception:  # noqa: BLE001 - a bug in the sink must not cost other requests their outputs
+            log.exception("an output sink failed; its request's reader takes over")
+            self.sink = None
+            return False
 
     async def get(self):
         """The next item; _QUIET once `quiet_after` seconds pass with nothing new (nothing is cancelled)."""
@@ -118,6 +139,7 @@ class _Stream:
         """The reader is done with it: no more keep-alive wake-ups (an abort's final output still
         comes, and wakes a reader that waits)."""
         self.quiet_after = None
+        self.sink = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -153,6 +175,16 @@ class RequestStream:
             self.finished = True
             self.close()              # before the caller sees the end, which it may not read past
         return item
+
+    def deliver_to(self, sink: Callable[[RequestOutput], bool] | None) -> None:
+        """Hand outputs to `sink` as they arrive instead of waking the reader (None: stop). While the
+        reader waits in next() with nothing unread, each output but the final one is passed to
+        sink(output), on this loop, from the engine's one hand-out per step: a server writing every
+        stream's chunk there wakes one task per step, not one per stream. sink must not block; it
+        returns False to refuse an output, which next() then returns as usual. The final output,
+        errors and keep-alive ticks always come through next(), and so does every output while
+        `stream_interval` > 1 gathers them."""
+        self._stream.sink = sink
 
     def close(self) -> None:
         if self.closed:

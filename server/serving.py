@@ -124,6 +124,12 @@ class EngineRequest:
             raise from_engine_error(exc) from exc
         self.state.inflight[self.request_id] = self
 
+    @property
+    def stream(self) -> RequestStream:
+        """The engine's stream of this request's outputs (once started)."""
+        assert self._stream is not None
+        return self._stream
+
     async def next(self) -> RequestOutput | None:
         """The next incremental output (every token since the previous one), or None for a keep-alive
         tick. Raises APIError on failure; after the final output the request is closed."""
@@ -326,11 +332,21 @@ def stream_response(state: ServerState, group: RequestGroup, family: Family, eve
     """The SSE stream of an admitted request in one API family's shape; `events` turns each output into
     that family's events. The request is closed (aborted if unfinished) however the stream ends, and
     as soon as the client leaves."""
-    return SSEResponse(stream_body(state, group, family, events, opening), on_close=group.close)
+    encode = chunk_encoder(events)
+    # one member: its outputs before the final one are written as the engine hands them out (see SSEResponse)
+    direct = (group.members[0].stream, encode) if len(group.members) == 1 else None
+    return SSEResponse(stream_body(state, group, family, encode, opening), on_close=group.close, direct=direct)
 
 
-async def stream_body(state: ServerState, group: RequestGroup, family: Family, events: EventBuilder,
-                      opening: Iterable[dict]) -> AsyncIterator[bytes]:
+def chunk_encoder(events: EventBuilder) -> Callable[[RequestOutput], bytes]:
+    """An output's events as one chunk of SSE bytes (one write per output)."""
+    def encode(out: RequestOutput) -> bytes:
+        return b"".join(sse_event(event) for event in events(out))
+    return encode
+
+
+async def stream_body(state: ServerState, group: RequestGroup, family: Family,
+                      encode: Callable[[RequestOutput], bytes], opening: Iterable[dict]) -> AsyncIterator[bytes]:
     """`opening`, then each output's events with keep-alive comments while the engine is quiet, then
     `data: [DONE]` for OpenAI (TGI's stream just ends). An error is the last event, in the family's shape.
     One chunk per output read: a reader that fell behind gets one output carrying several tokens."""
@@ -346,7 +362,7 @@ async def stream_body(state: ServerState, group: RequestGroup, family: Family, e
             error = output_error(out, state.draining) if out.finished else None
             if error is not None:
                 raise error
-            chunk = b"".join(sse_event(event) for event in events(out))   # one write per output
+            chunk = encode(out)
             if chunk:
                 yield chunk
         if family == "openai":

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_json
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from kvserve import RequestOutput, RequestStream
+
+logger = logging.getLogger("kvserve.server")
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -35,8 +40,8 @@ class SSETemplate:
     HOLE = "\x00kvserve-text\x00"
 
     def __init__(self, data: dict, put_hole: Callable[[dict, str], None]):
-        """put_hole(data, HOLE) puts the placeholder where the text goes (data is left alone)."""
-        data = copy.deepcopy(data)
+        """put_hole(data, HOLE) puts the placeholder where the text goes: in `data` itself, which the
+        caller gives up (a fresh dump; a copy of it cost more than the rest of a request's set-up)."""
         put_hole(data, self.HOLE)
         encoded = sse_event(data)
         hole = to_json(self.HOLE)
@@ -54,36 +59,117 @@ class SSEResponse(Response):
     soon as the client leaves: `on_close` ends the request, so that `body` comes to its end.
 
     Starlette's StreamingResponse cancels the body through an anyio task group instead; this costs
-    one watcher task per response and no cancel scopes (the body runs once per token per stream)."""
+    one watcher task per response and no cancel scopes (the body runs once per token per stream).
+
+    `direct` = (the request's stream, encode): while `body` waits for that stream's next output, the
+    outputs before the final one are encoded and written as the engine hands them out
+    (RequestStream.deliver_to), without waking `body`: with many streams, a step's chunks cost one
+    wake-up of the event loop, not one task switch through `body`'s frames per stream. `body` reads
+    the stream too and handles everything else (the opening events, the final output, errors,
+    keep-alives); the chunks go out in the order of the outputs either way."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None] | None = None):
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None] | None = None,
+                 direct: tuple[RequestStream, Callable[[RequestOutput], bytes]] | None = None):
         self.body_iterator = body
         self.on_close = on_close
+        self.direct = direct
         self.status_code = 200
         self.background = None
         self.init_headers(SSE_HEADERS)
         self._ended = False      # the last chunk is written (or the client left): a disconnect is no news
+        self._send: Send | None = None
+        self._pending: asyncio.Task | None = None   # a direct chunk's send, waiting for the socket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            self._send = send
+            if self.direct is not None:
+                self.direct[0].deliver_to(self._deliver)
             async for chunk in self.body_iterator:
                 if self._ended:       # the client left: nobody reads what is left
                     break
+                await self._after_pending()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not self._ended:
                 self._ended = True
+                await self._after_pending()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:              # how an ASGI 2.4 server tells that the client left
             self._departed()
         finally:
+            if self.direct is not None:
+                self.direct[0].deliver_to(None)
+            if self._pending is not None:
+                self._pending.cancel()
             watcher.cancel()
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()
             self._close()
+
+    def _deliver(self, out: RequestOutput) -> bool:
+        """The stream's sink (on the event loop, in the engine's per-step hand-out): write `out`'s chunk
+        now. False (the body's reader takes the output instead) while an earlier chunk waits for the
+        socket, so that order holds, or when encoding it fails: the reader then meets the error itself
+        and ends the stream with it."""
+        if self._ended:
+            return True               # the client left: the abort's final output ends the body
+        if self._pending is not None:
+            return False
+        try:
+            chunk = self.direct[1](out)
+        except Exception:  # noqa: BLE001 - handed to the reader (see above)
+            return False
+        if chunk:
+            self._send_now(self._send({"type": "http.response.body", "body": chunk, "more_body": True}))
+        return True
+
+    def _send_now(self, send: Coroutine) -> None:
+        """Run a send to its end now, without a task: it ends at once unless the socket's buffer is
+        full (the server's flow control), and then a task finishes it, which the body's next send
+        waits for."""
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - nowhere to raise it: end the response
+            self._send_failed(exc)
+            return
+        self._pending = asyncio.ensure_future(self._finish_send(send, waiting_on))
+
+    async def _finish_send(self, send: Coroutine, waiting_on: Any) -> None:
+        """Drive a send that suspended in _send_now, as a task would: wait for what it waits on, resume it."""
+        try:
+            while True:
+                if isinstance(waiting_on, asyncio.Future):
+                    waiting_on._asyncio_future_blocking = False
+                    await asyncio.wait((waiting_on,))     # done however it ended: the send reads the outcome
+                else:                                     # a bare yield: one turn of the loop
+                    await asyncio.sleep(0)
+                try:
+                    waiting_on = send.send(None)
+                except StopIteration:
+                    return
+        except asyncio.CancelledError:
+            send.close()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._send_failed(exc)
+        finally:
+            if self._pending is asyncio.current_task():
+                self._pending = None
+
+    def _send_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, OSError):
+            logger.error("writing a stream's chunk failed; ending the response", exc_info=exc)
+        self._departed()
+
+    async def _after_pending(self) -> None:
+        if self._pending is not None:
+            await self._pending
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

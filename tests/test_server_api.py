@@ -459,6 +459,47 @@ def test_many_concurrent_streams_and_a_stalled_reader(server):
     asyncio.run(main())
 
 
+def test_a_client_whose_socket_fills_gets_every_chunk_in_order(server, client):
+    """A client that reads nothing until its request has finished (some 290 kB of chunks wait in the
+    sockets' buffers): other streams are served meanwhile, and then every chunk arrives once and in
+    order, the same tokens as the answer without streaming. (On loopback the kernel takes all of it;
+    a send that has to wait is test_direct_chunks_and_the_reader_s_chunks_go_out_in_order_...)"""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Once upon"}], "max_tokens": 200,
+            "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 20}   # big chunks
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    request = json.dumps({**body, "stream": True}).encode()
+    port = int(server.base.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connecting: a small window
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request))
+        assert wait_until(lambda: server.stats()["blocks_used"] == 0, 30)   # generated, mostly unread
+        others, _ = stream(client, "/v1/chat/completions", {**body, "max_tokens": 8, "stream": True})
+        assert others[-1] == "[DONE]"                                       # served meanwhile
+        sock.settimeout(30)
+        raw = b""
+        while chunk := sock.recv(1 << 16):
+            raw += chunk
+    finally:
+        sock.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    data = b""
+    while True:                                  # undo the chunked transfer encoding
+        size, _, payload = payload.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        data, payload = data + payload[:int(size, 16)], payload[int(size, 16) + 2:]
+    assert len(data) > 200_000
+    events, _ = sse_events(data.decode().split("\n"))
+    assert events[-1] == "[DONE]"
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    assert "".join(c["delta"].get("content") or "" for c in choices) == whole["message"]["content"]
+    assert [t for c in choices if c.get("logprobs") for t in c["logprobs"]["content"]] == whole["logprobs"]["content"]
+
+
 def aborted_count(server: Server) -> float:
     text = httpx.get(f"{server.base}/metrics", timeout=5).text
     line = next(x for x in text.splitlines() if x.startswith("kvserve_request_failure_total") and "aborted" in x)

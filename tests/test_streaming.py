@@ -219,10 +219,9 @@ def test_a_templated_chunk_is_the_chunk_encoded_whole(text):
 
     def put(data, value):
         data["choices"][0]["delta"]["content"] = value
-    template = SSETemplate(chunk, put)
     whole = {**chunk, "choices": [{**chunk["choices"][0], "delta": {"content": text}}]}
+    template = SSETemplate(chunk, put)                          # (chunk is given up to it)
     assert template.fill(text) == sse_event(whole)
-    assert chunk["choices"][0]["delta"]["content"] == "x"        # the caller's dict is left alone
     assert sse_event(template.fill(text)) == template.fill(text)  # encoded events pass through
 
 
@@ -231,3 +230,170 @@ def test_a_template_needs_exactly_one_hole():
         SSETemplate({"a": 1}, lambda data, hole: None)
     with pytest.raises(ValueError):
         SSETemplate({"a": 1}, lambda data, hole: data.update(a=hole, b=hole))
+
+
+# direct delivery: a waiting reader's outputs written from the engine's per-step hand-out
+
+def test_outputs_go_to_the_sink_while_the_reader_waits_and_the_final_one_to_the_reader(caplog):
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=0.1)
+        request = RequestStream(StandIn(stream), "r", stream)
+        taken, answer = [], {"take": True, "raise": False}
+
+        def sink(out):
+            if answer["raise"]:
+                raise ValueError("a broken sink")
+            if answer["take"]:
+                taken.append(out.new_text)
+            return answer["take"]
+        request.deliver_to(sink)
+        stream.put(output("early"))                   # nobody waits yet: queued for the reader
+        assert (await request.next()).new_text == "early" and not taken
+        reader = asyncio.ensure_future(request.next())
+        for i in range(8):                            # an output every 0.03 s for 0.24 s: past quiet_after
+            await asyncio.sleep(0.03)
+            stream.put(output(str(i)))
+        assert taken == [str(i) for i in range(8)]
+        assert not reader.done()                      # not woken, not even for a keep-alive tick
+        answer["take"] = False                        # refused: the reader gets it
+        stream.put(output("refused"))
+        assert (await asyncio.wait_for(reader, 1)).new_text == "refused"
+        answer["take"], answer["raise"] = True, True  # a sink that raises is dropped, the reader takes over
+        reader = asyncio.ensure_future(request.next())
+        await asyncio.sleep(0)
+        stream.put(output("x"))
+        assert (await asyncio.wait_for(reader, 1)).new_text == "x" and stream.sink is None
+        assert "an output sink failed" in caplog.text
+        answer["raise"] = False
+        request.deliver_to(sink)
+        reader = asyncio.ensure_future(request.next())
+        await asyncio.sleep(0)
+        stream.put(output("end", finished=True))      # the final output always goes to the reader
+        final = await asyncio.wait_for(reader, 1)
+        assert final.finished and final.new_text == "end" and taken[-1] == "7"
+        assert request.finished and stream.sink is None   # closed: no sink left behind
+    asyncio.run(scenario())
+
+
+def test_a_stream_interval_keeps_outputs_from_the_sink():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), interval=2)
+        stream.sink = lambda out: pytest.fail("an interval gathers tokens: no direct delivery")
+        reader = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        stream.put(output("a"))
+        assert (await asyncio.wait_for(reader, 1)).new_text == "a"
+        stream.close()
+    asyncio.run(scenario())
+
+
+class SlowClient(Client):
+    """A client whose socket fills up on demand: a send then waits, as an ASGI server's flow control does."""
+
+    def __init__(self):
+        super().__init__()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    async def send(self, message: dict) -> None:
+        if not self.writable.is_set():
+            await self.writable.wait()
+        self.sent.append(message)
+
+
+def test_direct_chunks_and_the_reader_s_chunks_go_out_in_order_when_the_socket_fills():
+    """Outputs while the body waits are written from the hand-out; one whose send has to wait holds the
+    next ones back (they go through the body), and every chunk still goes out once, in order."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, quiet_after=60.0)
+        request = RequestStream(StandIn(stream), "r", stream)
+        woken, closed = [], []
+
+        async def body():
+            yield b"open;"
+            while not request.finished:
+                out = await request.next()
+                woken.append(out.new_text)
+                yield f"{out.new_text};".encode()
+
+        client = SlowClient()
+        response = asyncio.ensure_future(SSEResponse(
+            body(), on_close=lambda: closed.append(True),
+            direct=(request, lambda out: f"{out.new_text};".encode()))({"type": "http"}, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        for text in ("a", "b"):
+            stream.put(output(text))
+        assert client.body() == b"open;a;b;" and woken == []     # written at once, the body not woken
+        client.writable.clear()                                  # the socket is full
+        stream.put(output("c"))                                  # its send waits
+        stream.put(output("d"))                                  # held back: the body takes it
+        stream.put(output("e"))
+        await asyncio.sleep(0.01)
+        assert client.body() == b"open;a;b;"
+        client.writable.set()
+        await asyncio.sleep(0.01)
+        assert client.body() == b"open;a;b;c;de;"                # (d and e merged while the body waited)
+        stream.put(output("f"))                                  # the body waits again: direct again
+        assert client.body().endswith(b"f;") and woken == ["de"]
+        stream.put(output("end", finished=True))
+        await asyncio.wait_for(response, 5)
+        assert client.body() == b"open;a;b;c;de;f;end;" and woken == ["de", "end"] and closed
+        assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    asyncio.run(scenario())
+
+
+def test_a_client_leaving_while_a_direct_chunk_waits_ends_the_request():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+        engine = StandIn(stream)
+        request = RequestStream(engine, "r", stream)
+
+        async def body():
+            while not request.finished:
+                out = await request.next()
+                yield out.new_text.encode()
+
+        client = SlowClient()
+        response = asyncio.ensure_future(SSEResponse(
+            body(), on_close=request.close, direct=(request, lambda out: out.new_text.encode()))(
+                {"type": "http"}, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        client.writable.clear()
+        stream.put(output("stuck"))                  # its send waits for a socket that never drains
+        await asyncio.sleep(0.01)
+        client.gone.set()                            # the client leaves
+        await asyncio.wait_for(response, 5)          # the request is aborted, the response ends
+        assert engine.aborted == ["r"] and request.closed and b"stuck" not in client.body()
+    asyncio.run(scenario())
+
+
+def test_a_chunk_that_fails_to_encode_is_left_to_the_body():
+    """The body meets the same error itself and ends the stream with it (the last event)."""
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+        request = RequestStream(StandIn(stream), "r", stream)
+
+        def encode(out):
+            if out.new_text == "bad":
+                raise ValueError("cannot encode")
+            return f"{out.new_text};".encode()
+
+        async def body():
+            try:
+                while not request.finished:
+                    yield encode(await request.next())
+            except ValueError:
+                yield b"error;"
+            finally:
+                request.close()
+
+        client = Client()
+        response = asyncio.ensure_future(SSEResponse(body(), on_close=request.close, direct=(request, encode))(
+            {"type": "http"}, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        stream.put(output("ok"))
+        stream.put(output("bad"))
+        await asyncio.wait_for(response, 5)
+        assert client.body() == b"ok;error;" and request.closed
+    asyncio.run(scenario())
