@@ -4,7 +4,7 @@ from __future__ import annotations
 import codecs
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -117,21 +117,22 @@ def stream(state: ServerState, group: RequestGroup, header: dict,
     completion_tokens: dict[int, int] = {}
     cached: dict[int, int] = {}
 
-    def events(out: RequestOutput) -> Iterator[dict | bytes]:
+    def events(out: RequestOutput) -> list[dict | bytes]:
         index = group.index_of[out.request_id]
-        for data in chunkers[index](out):
+        result = chunkers[index](out)
+        for data in result:
             if not isinstance(data, bytes):   # (a templated chunk carries its index already)
                 for choice in data["choices"]:
                     choice["index"] = index
-            yield data
         if out.finished:
             completion_tokens[index], cached[index] = out.num_output_tokens, out.num_cached_tokens
             if with_usage and len(completion_tokens) == len(chunkers):
                 done = sum(completion_tokens.values())
-                yield chunk_type(**header, choices=[], usage=Usage(
+                result.append(chunk_type(**header, choices=[], usage=Usage(
                     prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done,
                     prompt_tokens_details=PromptTokensDetails(
-                        cached_tokens=sum(cached[i] for i in range(0, len(chunkers), per_prompt))))).model_dump()
+                        cached_tokens=sum(cached[i] for i in range(0, len(chunkers), per_prompt))))).model_dump())
+        return result
 
     return stream_response(state, group, "openai", events, opening)
 

@@ -341,7 +341,7 @@ def stream_response(state: ServerState, group: RequestGroup, family: Family, eve
 def chunk_encoder(events: EventBuilder) -> Callable[[RequestOutput], bytes]:
     """An output's events as one chunk of SSE bytes (one write per output)."""
     def encode(out: RequestOutput) -> bytes:
-        return b"".join(sse_event(event) for event in events(out))
+        return b"".join(map(sse_event, events(out)))
     return encode
 
 

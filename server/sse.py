@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvserve.server")
 
+# the scope key under which the app keeps the `send` it was called with (app.KVServeApp)
+APP_SEND = "kvserve.app_send"
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -66,7 +68,10 @@ class SSEResponse(Response):
     (RequestStream.deliver_to), without waking `body`: with many streams, a step's chunks cost one
     wake-up of the event loop, not one task switch through `body`'s frames per stream. `body` reads
     the stream too and handles everything else (the opening events, the final output, errors,
-    keep-alives); the chunks go out in the order of the outputs either way."""
+    keep-alives); the chunks go out in the order of the outputs either way.
+
+    Once the headers are out, the body goes to the send the app was called with (scope[APP_SEND]),
+    past the app's middleware: their send wrappers only note that a response has started."""
 
     media_type = "text/event-stream"
 
@@ -86,7 +91,7 @@ class SSEResponse(Response):
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            self._send = send
+            self._send = send = scope.get(APP_SEND, send)
             if self.direct is not None:
                 self.direct[0].deliver_to(self._deliver)
             async for chunk in self.body_iterator:

@@ -6,7 +6,7 @@ from kvserve import RequestOutput
 import pytest
 
 from kvserve.async_engine import _QUIET, RequestStream, _Stream
-from kvserve.server.sse import SSEResponse, SSETemplate, sse_event
+from kvserve.server.sse import APP_SEND, SSEResponse, SSETemplate, sse_event
 
 
 def output(text: str, finished: bool = False) -> RequestOutput:
@@ -396,4 +396,22 @@ def test_a_chunk_that_fails_to_encode_is_left_to_the_body():
         stream.put(output("bad"))
         await asyncio.wait_for(response, 5)
         assert client.body() == b"ok;error;" and request.closed
+    asyncio.run(scenario())
+
+
+def test_the_body_goes_to_the_send_the_app_was_called_with_once_the_headers_are_out():
+    """Past the middleware's send wrappers, which only note that a response has started."""
+    async def body():
+        yield b"a"
+        yield b"b"
+
+    async def scenario():
+        client, wrapped = Client(), []
+
+        async def wrapper(message):
+            wrapped.append(message["type"])
+            await client.send(message)
+        await SSEResponse(body())({"type": "http", APP_SEND: client.send}, client.receive, wrapper)
+        assert wrapped == ["http.response.start"]
+        assert client.body() == b"ab" and client.sent[-1]["more_body"] is False
     asyncio.run(scenario())
