@@ -22,6 +22,16 @@ TUNED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # (no random i
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+class _Stash:
+    """A FusedProjection's parts between its siblings' calls."""
+    __slots__ = ("input", "parts", "taken")
+
+    def __init__(self):
+        self.input: torch.Tensor | None = None     # the tensor the parts were computed from
+        self.parts: tuple[torch.Tensor, ...] | None = None
+        self.taken = 0                             # bit i: part i was handed out (then it is not again)
+
+
 class FusedProjection(nn.Linear):
     """Sibling linears' weights (and biases) stacked into one Linear. Each sibling is replaced by a
     ProjectionSlice: the first one called on an input computes every sibling's output in one matmul; the
@@ -39,21 +49,19 @@ class FusedProjection(nn.Linear):
             self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
         self.sizes = [m.out_features for m in linears]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self._input: torch.Tensor | None = None     # the tensor the parts below were computed from
-        self._parts: tuple[torch.Tensor, ...] | None = None
-        self._taken = 0                             # bit i: part i was handed out (then it is not again)
+        self._stash = _Stash()    # a plain object: nn.Module's own attribute setting costs microseconds
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Sibling `index`'s output for x: from the stash when x is the tensor it was computed from and this
         part was not handed out yet, else computed afresh (all parts again)."""
-        bit = 1 << index
-        if self._input is not x or self._taken & bit:
-            self._parts = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
-            self._input, self._taken = x, 0
-        out = self._parts[index]
-        self._taken |= bit
-        if self._taken == (1 << len(self.sizes)) - 1:   # every sibling served: hold no tensor between forwards
-            self._input = self._parts = None
+        stash, bit = self._stash, 1 << index
+        if stash.input is not x or stash.taken & bit:
+            stash.parts = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+            stash.input, stash.taken = x, 0
+        out = stash.parts[index]
+        stash.taken |= bit
+        if stash.taken == (1 << len(self.sizes)) - 1:   # every sibling served: hold no tensor between forwards
+            stash.input = stash.parts = None
         return out
 
     def extra_repr(self) -> str:

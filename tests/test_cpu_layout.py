@@ -55,7 +55,7 @@ def test_fused_projections_give_the_same_logits_bit_for_bit(tiny_model_factory, 
     assert torch.equal(new_tokens, tokens)
     for module in model.modules():     # the stash is dropped once every sibling has its part
         if isinstance(module, FusedProjection):
-            assert module._input is None and module._parts is None
+            assert module._stash.input is None and module._stash.parts is None
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _load(path).parameters())
 
 
