@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", choices=["auto", "short", "full"], default="auto", metavar="HOW",
                    help="untimed pass before each timed one: short (4 short requests), full (the whole workload) "
                         "or auto (full on CUDA, where new batch shapes compile kernels; short on CPU)")
+    g.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="timed offline runs and bursts, each with its own rotation of the prompts (no prefix-cache "
+                        "hits); the figures are the median run's (for noisy machines: 3)")
     g = p.add_argument_group("engine (the same for offline and served)")
     g.add_argument("--kv-blocks", type=int, default=None, metavar="N",
                    help="KV blocks (default: the whole workload at once, counting one token per character)")
@@ -214,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, cpus in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus)):
         if cpus and not cpus <= usable:
             raise SystemExit(f"{flag} {cpu_list(cpus)}: this process may only use CPUs {cpu_list(usable)}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     threads = args.threads or (len(args.server_cpus) if args.server_cpus else None)
     args.threads = threads
     common.prepare(args, NAME)
@@ -249,9 +254,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def rotated(reqs: list[TextRequest], turn: int) -> list[TextRequest]:
+    """The workload with each prompt rotated by 7 characters a turn: the same work, and (from turn 1 on)
+    prompts that share no prefix with an earlier turn's, so the prefix cache turns none of it into hits."""
+    out = []
+    for r in reqs:
+        shift = turn * 7 % max(1, len(r.prompt))
+        out.append(TextRequest(r.prompt[shift:] + r.prompt[:shift], r.max_tokens))
+    return out
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run with the median `key` (the lower middle one for an even count), with every run's `key` in `runs`."""
+    ordered = sorted(runs, key=lambda run: run[key])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [run[key] for run in runs]}
+
+
 def _warm_slice(reqs: list[TextRequest], how: str) -> list[TextRequest]:
+    """The untimed pass: the workload's shapes with the prompts reversed, so that no timed run finds its
+    prompts in the prefix cache."""
     if how == "full":
-        return list(reqs)
+        return [TextRequest(r.prompt[::-1], r.max_tokens) for r in reqs]
     return [TextRequest(r.prompt[::-1][:32], min(8, r.max_tokens)) for r in reqs[:4]]
 
 
@@ -270,14 +293,16 @@ def _offline(args, path, engine: dict, reqs: list[TextRequest], warmup: str) -> 
 
     log.info("offline warm-up (%s)", warmup)
     go(_warm_slice(reqs, warmup))
-    log.info("offline: %d requests", len(reqs))
-    elapsed, tokens = go(reqs)
+    runs = []
+    for turn in range(args.repeats):
+        log.info("offline: %d requests (run %d of %d)", len(reqs), turn + 1, args.repeats)
+        elapsed, tokens = go(rotated(reqs, turn))
+        runs.append({"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed})
+        log.info("offline: %.1f output tokens/s (%.2f s)", tokens / elapsed, elapsed)
     llm = None   # free the engine (and its GPU memory) before the server starts
     free_memory()
-    out = {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-           "requests": len(reqs), "expected_output_tokens": sum(r.max_tokens for r in reqs)}
-    log.info("offline: %.1f output tokens/s (%.2f s)", out["output_tokens_per_s"], elapsed)
-    return out
+    return {**median_run(runs, "elapsed_s"), "requests": len(reqs),
+            "expected_output_tokens": sum(r.max_tokens for r in reqs)}
 
 
 async def _served(args, url: str, model: str, reqs: list[TextRequest], warmup: str,
@@ -287,25 +312,35 @@ async def _served(args, url: str, model: str, reqs: list[TextRequest], warmup: s
         log.info("served warm-up (%s)", warmup)
         warm = _warm_slice(reqs, warmup)
         await run_concurrency(client, warm, len(warm))
-        log.info("burst: %d requests at once", len(reqs))
-        bar = common.progress(total=len(reqs), desc="burst", unit="req")
-        cpu0, own0 = server_cpu(), time.process_time()
-        outcomes, duration = await run_poisson(client, reqs, math.inf, args.seed, bar)
-        cpu1, own1 = server_cpu(), time.process_time()
-        bar.close()
-        burst = summarize_point(outcomes, duration)
-        api, engine = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-        # CPU seconds per wall second during the burst: near the number of CPUs given = that side is saturated
-        burst["cpu_busy"] = {"server": (api + engine) / duration, "client": (own1 - own0) / duration}
-        # where the server's share went: the API process (HTTP, tokenizing, detokenizing, SSE) and the
-        # engine's process(es); on one shared core the burst takes about their sum
-        burst["cpu_seconds"] = {"api_process": api, "engine_processes": engine}
-        log.info("served: %.1f output tokens/s (%.2f s), %d errors", burst["output_tokens_per_s"], duration,
-                 burst["errors"])
+        bursts = []
+        for turn in range(args.repeats):
+            log.info("burst: %d requests at once (run %d of %d)", len(reqs), turn + 1, args.repeats)
+            bursts.append(await _burst(args, client, rotated(reqs, turn), server_cpu))
         probes = await _probe_phase(args, client, url, reqs)
     finally:
         await client.close()
+    burst = median_run(bursts, "duration_s")
+    burst["run_cpu_seconds"] = [run["cpu_seconds"] for run in bursts]
+    burst["errors_all_runs"] = sum(run["errors"] for run in bursts)   # reported whichever run is the median
     return burst, probes
+
+
+async def _burst(args, client: Client, reqs: list[TextRequest], server_cpu) -> dict:
+    bar = common.progress(total=len(reqs), desc="burst", unit="req")
+    cpu0, own0 = server_cpu(), time.process_time()
+    outcomes, duration = await run_poisson(client, reqs, math.inf, args.seed, bar)
+    cpu1, own1 = server_cpu(), time.process_time()
+    bar.close()
+    burst = summarize_point(outcomes, duration)
+    api, engine = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    # CPU seconds per wall second during the burst: near the number of CPUs given = that side is saturated
+    burst["cpu_busy"] = {"server": (api + engine) / duration, "client": (own1 - own0) / duration}
+    # where the server's share went: the API process (HTTP, tokenizing, detokenizing, SSE) and the
+    # engine's process(es); on one shared core the burst takes about their sum
+    burst["cpu_seconds"] = {"api_process": api, "engine_processes": engine}
+    log.info("served: %.1f output tokens/s (%.2f s), %d errors", burst["output_tokens_per_s"], duration,
+             burst["errors"])
+    return burst
 
 
 async def _probe_phase(args, client: Client, url: str, reqs: list[TextRequest]) -> dict:
@@ -320,7 +355,7 @@ async def _probe_phase(args, client: Client, url: str, reqs: list[TextRequest]) 
     idle_start = time.monotonic()
     await asyncio.sleep(max(1.0, 20 * args.probe_interval))
     load_start = time.monotonic()
-    outcomes, marks = await _steady_streams(client, reqs, args.probe_streams, args.probe_seconds)
+    outcomes, marks = await _steady_streams(client, reqs, args.probe_streams, args.probe_seconds, args.repeats)
     load_end = marks["last_dispatch"]
     stop.set()
     samples = await loop.run_in_executor(None, recv.recv)
@@ -338,9 +373,11 @@ async def _probe_phase(args, client: Client, url: str, reqs: list[TextRequest]) 
     return out
 
 
-async def _steady_streams(client: Client, reqs: list[TextRequest], streams: int, seconds: float):
-    """Keep `streams` requests in flight for `seconds`, cycling through the workload (each later round's prompts
-    rotated so the prefix cache does not turn them into cache hits); then let the last ones finish."""
+async def _steady_streams(client: Client, reqs: list[TextRequest], streams: int, seconds: float,
+                         first_turn: int = 0):
+    """Keep `streams` requests in flight for `seconds`, cycling through the workload (each round's prompts
+    rotated, from turn `first_turn` on, so the prefix cache does not turn them into cache hits); then let the
+    last ones finish."""
     outcomes, marks = [], {}
     deadline = time.monotonic() + seconds
     counter = iter(range(10**9))
@@ -351,8 +388,7 @@ async def _steady_streams(client: Client, reqs: list[TextRequest], streams: int,
                 marks.setdefault("last_dispatch", time.monotonic())
                 return
             req = reqs[i % len(reqs)]
-            shift = (i // len(reqs)) * 7 % max(1, len(req.prompt))
-            outcomes.append(await client.send(TextRequest(req.prompt[shift:] + req.prompt[:shift], req.max_tokens)))
+            outcomes.append(await client.send(rotated([req], first_turn + i // len(reqs))[0]))
 
     await asyncio.gather(*(worker() for _ in range(streams)))
     marks.setdefault("last_dispatch", time.monotonic())
@@ -394,7 +430,7 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
                  "ITL p50 ms", "ITL p99 ms"],
                 [["offline LLM.generate", offline["requests"], 0, offline["output_tokens"], offline["elapsed_s"],
                   offline["output_tokens_per_s"], None, None, None, None],
-                 ["served, all at once", served["requests"], served["errors"], served["output_tokens"],
+                 ["served, all at once", served["requests"], served["errors_all_runs"], served["output_tokens"],
                   served["duration_s"], served["output_tokens_per_s"], served["ttft_s"]["p50"],
                   served["ttft_s"]["p99"], served["itl_s"]["p50"] * 1e3, served["itl_s"]["p99"] * 1e3]],
                 title=f"served vs offline: {len(reqs)} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} "
@@ -402,6 +438,12 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
                       f"streaming /v1/completions; model {args.model_shape}, {args.dtype} on {args.device}; "
                       f"warm-up {warmup}")
     busy, spent = served["cpu_busy"], served["cpu_seconds"]
+    if args.repeats > 1:
+        listed = {name: " / ".join(f"{value:.2f}" for value in values) for name, values in (
+            ("offline", offline["runs"]), ("bursts", served["runs"]),
+            ("api", [c["api_process"] for c in served["run_cpu_seconds"]]))}
+        print(f"median of {args.repeats} runs each: offline {listed['offline']} s, bursts {listed['bursts']} s "
+              f"(API process CPU {listed['api']} s)")
     print(f"CPU seconds per second during the burst: server {busy['server']:.2f}, client {busy['client']:.2f}")
     print(f"CPU seconds during the burst: API process {spent['api_process']:.2f}, engine process(es) "
           f"{spent['engine_processes']:.2f} (offline took {offline['elapsed_s']:.2f} s)")
@@ -431,12 +473,14 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
                      "output_tokens": sum(q.max_tokens for q in reqs), "seed": args.seed, "ignore_eos": True,
                      "temperature": 0},
         "config": {"engine": engine, "api": "POST /v1/completions, stream=true, all requests sent at once",
-                   "warmup": warmup, "pinning": pinning, "kvserve_args": args.kvserve_args},
+                   "warmup": warmup, "repeats": args.repeats, "pinning": pinning, "kvserve_args": args.kvserve_args},
         "offline": offline, "served": served, "probes": probes,
         "ratio": {"served_over_offline": r, "goal": goal, "met": r >= goal},
         "probe_goal": {"p99_ms": GOALS["probe_p99_ms"], "worst_p99_ms": worst, "met": worst <= GOALS["probe_p99_ms"]},
         "definitions": {"output_tokens_per_s": "output tokens / wall time of the whole workload (offline: "
                                                "LLM.generate; served: first request sent -> last response done)",
+                        "runs": "with --repeats N: each timed run's seconds (offline: elapsed_s, served: "
+                                "duration_s); the other figures are the median run's, except errors_all_runs",
                         "ttft": "request sent -> first streamed token", "cpu_busy": "CPU seconds (user + "
                         "system) per wall second during the burst: the server's processes, and this client", "cpu_seconds":
                         "CPU seconds during the burst of the server's API process and of the processes it "

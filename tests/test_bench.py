@@ -151,7 +151,7 @@ def test_served_benchmark_end_to_end(tmp_path):
     env = bench_env(tmp_path)
     cmd = [sys.executable, "-m", "kvserve", "bench", "served", "--model-shape", "tiny", "--num-requests", "8",
            "--prompt-len", "16:48", "--output-len", "4:12", "--probe-streams", "4", "--probe-seconds", "1",
-           "--threads", "1", "--startup-timeout", "120"]
+           "--threads", "1", "--startup-timeout", "120", "--repeats", "2"]
     if len(os.sched_getaffinity(0)) >= 2:
         first, second = sorted(os.sched_getaffinity(0))[:2]
         cmd += ["--server-cpus", str(first), "--client-cpus", str(second)]
@@ -163,8 +163,12 @@ def test_served_benchmark_end_to_end(tmp_path):
     assert payload["benchmark"] == "served" and payload["machine"]["cpu_model"]
     assert payload["offline"]["output_tokens"] == payload["served"]["output_tokens"] == \
         payload["workload"]["output_tokens"]
-    assert payload["served"]["errors"] == 0
+    assert payload["served"]["errors"] == payload["served"]["errors_all_runs"] == 0
     assert payload["ratio"]["served_over_offline"] > 0
+    assert len(payload["offline"]["runs"]) == len(payload["served"]["runs"]) == 2   # --repeats 2: medians
+    assert payload["offline"]["elapsed_s"] in payload["offline"]["runs"]
+    assert payload["served"]["duration_s"] in payload["served"]["runs"]
+    assert "median of 2 runs each: offline" in proc.stdout
     for key in ("ttft_s", "itl_s"):
         assert payload["served"][key]["p50"] > 0 and payload["served"][key]["p99"] >= payload["served"][key]["p50"]
     for phase in ("idle", "load"):
@@ -185,6 +189,22 @@ def test_served_benchmark_end_to_end(tmp_path):
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert replot.returncode == 0, replot.stderr[-3000:]
     assert (cwd / "again" / "served.png").exists()
+
+
+def test_served_repeats_rotate_the_prompts_and_report_the_median_run():
+    from kvserve.bench.loadgen import TextRequest
+    from kvserve.bench.served import median_run, rotated
+    reqs = [TextRequest("abcdefghijklmnop", 5), TextRequest("xyz", 2), TextRequest("", 1)]
+    assert rotated(reqs, 0) == reqs
+    turn1, turn2 = rotated(reqs, 1), rotated(reqs, 2)
+    assert [r.prompt for r in turn1] == ["hijklmnopabcdefg", "yzx", ""]
+    for turn in (turn1, turn2):    # the same work: lengths and outputs; no shared first block with turn 0
+        assert [(sorted(r.prompt), r.max_tokens) for r in turn] == [(sorted(r.prompt), r.max_tokens) for r in reqs]
+    assert turn1[0].prompt[0] != reqs[0].prompt[0] != turn2[0].prompt[0] != turn1[0].prompt[0]
+    runs = [{"t": 3.0, "x": "c"}, {"t": 1.0, "x": "a"}, {"t": 2.0, "x": "b"}, {"t": 9.0, "x": "d"}]
+    assert median_run(runs[:3], "t") == {"t": 2.0, "x": "b", "runs": [3.0, 1.0, 2.0]}
+    assert median_run(runs, "t")["x"] == "b"      # an even count: the lower middle one
+    assert median_run(runs[:1], "t") == {"t": 3.0, "x": "c", "runs": [3.0]}
 
 
 def test_offload_benchmark_end_to_end(tmp_path):
