@@ -259,7 +259,7 @@ def rotated(reqs: list[TextRequest], turn: int) -> list[TextRequest]:
     prompts that share no prefix with an earlier turn's, so the prefix cache turns none of it into hits."""
     out = []
     for r in reqs:
-        shift = turn * 7 % max(1, len(r.prompt))
+        shift = 1 + (turn * 7 - 1) % (len(r.prompt) - 1) if turn and len(r.prompt) > 1 else 0   # 0 only at turn 0
         out.append(TextRequest(r.prompt[shift:] + r.prompt[:shift], r.max_tokens))
     return out
 

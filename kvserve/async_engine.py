@@ -104,7 +104,7 @@ class _Stream:
         streams of the step still get their outputs) and the reader takes this one."""
         try:
             return self.sink(item)
-        except Exception:  # noqa: BLE001 - a bug in the sink must not cost other requests their outputs
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - a broken sink must not cost other requests their outputs
             log.exception("an output sink failed; its request's reader takes over")
             self.sink = None
             return False

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.types import Receive, Scope, Send
 
 import kvserve
 from kvserve.server import routes_openai, routes_tgi, routes_tokenize
 from kvserve.server.edge import APIKeyMiddleware, BodySizeMiddleware
 from kvserve.server.errors import install_error_handlers
 from kvserve.server.serving import ServerSettings, ServerState
-from kvserve.server.sse import APP_SEND
+from kvserve.server.sse import AppSendMiddleware
 
 if TYPE_CHECKING:  # the engine module imports torch; the app loads it only with the engine
     from kvserve import AsyncEngine
@@ -180,17 +179,6 @@ def add_system_routes(app: FastAPI, state: ServerState) -> None:
         return HTMLResponse(kv_view_page(), headers={"Cache-Control": "no-cache"})
 
 
-class KVServeApp(FastAPI):
-    """FastAPI, plus the `send` it was called with kept in the scope (APP_SEND): a streaming response
-    writes its body chunks there once its headers are out, past the middleware below, whose send
-    wrappers only note that the response has started. Middleware added to this app must therefore
-    not change body messages (none of ours does)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[APP_SEND] = send
-        await super().__call__(scope, receive, send)
-
-
 @functools.cache
 def kv_view_page() -> str:
     return importlib.resources.files("kvserve.server").joinpath("kv_view.html").read_text(encoding="utf-8")
@@ -211,9 +199,10 @@ def create_app(engine: AsyncEngine | None = None, served_model_name: str = "kvse
     state = ServerState(served_model_name=settings.served_model_names[0], settings=settings,
                         keepalive_interval=keepalive_interval, stream_interval=stream_interval,
                         info={"started": int(time.time()), **(info_extra or {})})
-    app = KVServeApp(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error, on_engine_death),
+    app = FastAPI(title="kvserve", version=version(), lifespan=make_lifespan(state, engine, loader, on_load_error, on_engine_death),
                   description="LLM serving with a paged KV cache: TGI and OpenAI-compatible APIs.")
     app.state.kvserve = state
+    app.add_middleware(AppSendMiddleware)      # innermost of ours (see AppSendMiddleware)
     app.add_middleware(BodySizeMiddleware, limit=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: no key, no body read

@@ -339,9 +339,19 @@ def stream_response(state: ServerState, group: RequestGroup, family: Family, eve
 
 
 def chunk_encoder(events: EventBuilder) -> Callable[[RequestOutput], bytes]:
-    """An output's events as one chunk of SSE bytes (one write per output)."""
+    """An output's events as one chunk of SSE bytes (one write per output). An output whose events failed
+    raises the same error if encoded again (the body retries what a direct delivery could not encode),
+    without running `events` twice: builders keep state (text so far, a tool-call parser)."""
+    failed: list = [None, None]     # the output whose encoding failed, and its error
+
     def encode(out: RequestOutput) -> bytes:
-        return b"".join(map(sse_event, events(out)))
+        if failed[0] is out:
+            raise failed[1]
+        try:
+            return b"".join(map(sse_event, events(out)))
+        except Exception as exc:
+            failed[0], failed[1] = out, exc
+            raise
     return encode
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_json
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from kvserve import RequestOutput, RequestStream
 
 logger = logging.getLogger("kvserve.server")
 
-# the scope key under which the app keeps the `send` it was called with (app.KVServeApp)
+# the scope key under which AppSendMiddleware keeps the `send` it is called with
 APP_SEND = "kvserve.app_send"
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -55,6 +56,22 @@ class SSETemplate:
         return self.head + to_json(text) + self.tail
 
 
+class AppSendMiddleware:
+    """Keeps the `send` it is called with in the scope (APP_SEND): an SSEResponse writes its body chunks
+    there once its headers are out, past what lies between (Starlette's exception middleware and the
+    route's wrapper, whose send wrappers only note that a response has started). Added as the app's
+    innermost middleware, so that what lies outside (FastAPI's telemetry, the server-error middleware)
+    still sees every message."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[APP_SEND] = send
+        await self.app(scope, receive, send)
+
+
 class SSEResponse(Response):
     """A text/event-stream response that proxies neither cache nor buffer. It writes each chunk of
     `body` as it comes, and calls `on_close` however it ends (even if `body` never yields) and as
@@ -70,8 +87,9 @@ class SSEResponse(Response):
     the stream too and handles everything else (the opening events, the final output, errors,
     keep-alives); the chunks go out in the order of the outputs either way.
 
-    Once the headers are out, the body goes to the send the app was called with (scope[APP_SEND]),
-    past the app's middleware: their send wrappers only note that a response has started."""
+    Once the headers are out, the body goes to the send AppSendMiddleware kept (scope[APP_SEND]), past
+    the send wrappers that only note that a response has started. Direct chunks are sent in the
+    request's own context (contextvars), as the body's would be."""
 
     media_type = "text/event-stream"
 
@@ -85,6 +103,7 @@ class SSEResponse(Response):
         self.init_headers(SSE_HEADERS)
         self._ended = False      # the last chunk is written (or the client left): a disconnect is no news
         self._send: Send | None = None
+        self._context: contextvars.Context | None = None   # the request's, for the direct chunks' sends
         self._pending: asyncio.Task | None = None   # a direct chunk's send, waiting for the socket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,15 +112,16 @@ class SSEResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             self._send = send = scope.get(APP_SEND, send)
             if self.direct is not None:
+                self._context = contextvars.copy_context()
                 self.direct[0].deliver_to(self._deliver)
             async for chunk in self.body_iterator:
-                if self._ended:       # the client left: nobody reads what is left
-                    break
                 await self._after_pending()
+                if self._ended:       # the client left (or a direct chunk's send failed): nobody reads the rest
+                    break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._after_pending()
             if not self._ended:
                 self._ended = True
-                await self._after_pending()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:              # how an ASGI 2.4 server tells that the client left
             self._departed()
@@ -137,10 +157,10 @@ class SSEResponse(Response):
         full (the server's flow control), and then a task finishes it, which the body's next send
         waits for."""
         try:
-            waiting_on = send.send(None)
+            waiting_on = self._context.run(send.send, None)
         except StopIteration:
             return
-        except Exception as exc:  # noqa: BLE001 - nowhere to raise it: end the response
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - nowhere to raise it: end the response
             self._send_failed(exc)
             return
         self._pending = asyncio.ensure_future(self._finish_send(send, waiting_on))
@@ -155,7 +175,7 @@ class SSEResponse(Response):
                 else:                                     # a bare yield: one turn of the loop
                     await asyncio.sleep(0)
                 try:
-                    waiting_on = send.send(None)
+                    waiting_on = self._context.run(send.send, None)
                 except StopIteration:
                     return
         except asyncio.CancelledError:
@@ -167,14 +187,15 @@ class SSEResponse(Response):
             if self._pending is asyncio.current_task():
                 self._pending = None
 
-    def _send_failed(self, exc: Exception) -> None:
+    def _send_failed(self, exc: BaseException) -> None:
         if not isinstance(exc, OSError):
             logger.error("writing a stream's chunk failed; ending the response", exc_info=exc)
         self._departed()
 
     async def _after_pending(self) -> None:
+        """Wait for a direct chunk's send still under way (however it ends: it handles its own failure)."""
         if self._pending is not None:
-            await self._pending
+            await asyncio.wait((self._pending,))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -184,6 +205,9 @@ class SSEResponse(Response):
     def _departed(self) -> None:
         if not self._ended:
             self._ended = True
+            pending = self._pending       # a send waiting for a socket nobody reads any more
+            if pending is not None and pending is not asyncio.current_task():
+                pending.cancel()
             self._close()
 
     def _close(self) -> None:

@@ -201,6 +201,8 @@ def test_served_repeats_rotate_the_prompts_and_report_the_median_run():
     for turn in (turn1, turn2):    # the same work: lengths and outputs; no shared first block with turn 0
         assert [(sorted(r.prompt), r.max_tokens) for r in turn] == [(sorted(r.prompt), r.max_tokens) for r in reqs]
     assert turn1[0].prompt[0] != reqs[0].prompt[0] != turn2[0].prompt[0] != turn1[0].prompt[0]
+    long = TextRequest("abcdefghijklmnopqrstu", 1)          # 21 characters: turn 3's 21 is no rotation
+    assert all(rotated([long], turn)[0].prompt != long.prompt for turn in range(1, 9))
     runs = [{"t": 3.0, "x": "c"}, {"t": 1.0, "x": "a"}, {"t": 2.0, "x": "b"}, {"t": 9.0, "x": "d"}]
     assert median_run(runs[:3], "t") == {"t": 2.0, "x": "b", "runs": [3.0, 1.0, 2.0]}
     assert median_run(runs, "t")["x"] == "b"      # an even count: the lower middle one

@@ -1,12 +1,13 @@
 """The streaming plumbing without a model: a request's output stream (merging, keep-alive ticks without
 a timer per output) and the SSE response (departures end the request, every path closes it)."""
 import asyncio
+import contextvars
 
 from kvserve import RequestOutput
 import pytest
 
 from kvserve.async_engine import _QUIET, RequestStream, _Stream
-from kvserve.server.sse import APP_SEND, SSEResponse, SSETemplate, sse_event
+from kvserve.server.sse import APP_SEND, AppSendMiddleware, SSEResponse, SSETemplate, sse_event
 
 
 def output(text: str, finished: bool = False) -> RequestOutput:
@@ -415,3 +416,122 @@ def test_the_body_goes_to_the_send_the_app_was_called_with_once_the_headers_are_
         assert wrapped == ["http.response.start"]
         assert client.body() == b"ab" and client.sent[-1]["more_body"] is False
     asyncio.run(scenario())
+
+
+def test_middleware_outside_the_app_send_middleware_sees_every_message():
+    """FastAPI's telemetry and the server-error middleware wrap the send outside it: they must see the
+    last body message (telemetry closes the request's span there); the wrappers inside see the start."""
+    outer, inner = [], []
+
+    async def body():
+        yield b"a"
+
+    async def scenario():
+        client = Client()
+
+        async def endpoint(scope, receive, send):
+            async def inner_send(message):
+                inner.append(message.get("more_body", message["type"]))
+                await send(message)
+            await SSEResponse(body())(scope, receive, inner_send)
+
+        async def outer_send(message):
+            outer.append(message.get("more_body", message["type"]))
+            await client.send(message)
+        await AppSendMiddleware(endpoint)({"type": "http"}, client.receive, outer_send)
+        assert outer == ["http.response.start", True, False] and inner == ["http.response.start"]
+    asyncio.run(scenario())
+
+
+def test_direct_chunks_are_sent_in_the_request_s_context():
+    """The engine's hand-out runs in no request's context; a send wrapper that reads (or sets and resets) a
+    context variable must see the request's, whether its send ends at once or has to wait."""
+    var = contextvars.ContextVar("var", default="elsewhere")
+    seen = []
+
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+        request = RequestStream(StandIn(stream), "r", stream)
+
+        async def body():
+            while not request.finished:
+                yield (await request.next()).new_text.encode()
+
+        client = SlowClient()
+
+        async def send(message):
+            token = var.set(var.get() + "+")
+            try:
+                await client.send(message)          # may wait (the socket is full)
+            finally:
+                var.reset(token)                    # in another context: ValueError
+            seen.append(var.get())
+
+        async def serve():
+            var.set("request")
+            await SSEResponse(body(), direct=(request, lambda out: out.new_text.encode()))(
+                {"type": "http"}, client.receive, send)
+
+        response = asyncio.ensure_future(serve())
+        await asyncio.sleep(0.01)
+        stream.put(output("a"))                     # direct, at once
+        client.writable.clear()
+        stream.put(output("b"))                     # direct, waits
+        await asyncio.sleep(0.01)
+        client.writable.set()
+        await asyncio.sleep(0.01)
+        stream.put(output("end", finished=True))
+        await asyncio.wait_for(response, 5)
+        assert client.body() == b"abend" and seen == ["request"] * 5   # start, a, b, end, the last message
+    asyncio.run(scenario())
+
+
+def test_nothing_is_written_after_a_direct_chunk_s_send_failed():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+        engine = StandIn(stream)
+        request = RequestStream(engine, "r", stream)
+
+        async def body():
+            while not request.finished:
+                yield (await request.next()).new_text.encode()
+
+        client = SlowClient()
+        sent = client.send
+
+        async def failing(message):
+            await sent(message)
+            if message.get("body") == b"stuck":
+                raise RuntimeError("the server broke")  # not a departure: logged, the response ends
+
+        response = asyncio.ensure_future(SSEResponse(
+            body(), on_close=request.close, direct=(request, lambda out: out.new_text.encode()))(
+                {"type": "http"}, client.receive, failing))
+        await asyncio.sleep(0.01)
+        client.writable.clear()
+        stream.put(output("stuck"))                 # its send waits, then fails
+        stream.put(output("next"))                  # the body takes it, after the failed one
+        await asyncio.sleep(0.01)
+        client.writable.set()
+        await asyncio.wait_for(response, 5)
+        assert client.body() == b"stuck" and engine.aborted == ["r"] and request.closed
+    asyncio.run(scenario())
+
+
+def test_an_output_whose_encoding_failed_fails_again_without_running_its_builder_twice():
+    from kvserve.server.serving import chunk_encoder
+    calls = []
+
+    def events(out):
+        calls.append(out.new_text)
+        if out.new_text == "bad":
+            raise ValueError("cannot build")
+        return [{"text": out.new_text}]
+
+    encode = chunk_encoder(events)
+    bad = output("bad")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cannot build"):
+            encode(bad)
+    assert calls == ["bad"]                         # (builders keep state: text so far, a tool parser)
+    assert encode(output("ok")) == b'data: {"text":"ok"}\n\n' and calls == ["bad", "ok"]
