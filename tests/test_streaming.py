@@ -344,16 +344,21 @@ def test_direct_chunks_and_the_reader_s_chunks_go_out_in_order_when_the_socket_f
     asyncio.run(scenario())
 
 
+def direct_request() -> tuple[_Stream, StandIn, RequestStream, object]:
+    """On the running loop: a request's stream (its engine a StandIn) and a body writing each output's text."""
+    stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
+    engine = StandIn(stream)
+    request = RequestStream(engine, "r", stream)
+
+    async def body():
+        while not request.finished:
+            yield (await request.next()).new_text.encode()
+    return stream, engine, request, body
+
+
 def test_a_client_leaving_while_a_direct_chunk_waits_ends_the_request():
     async def scenario():
-        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
-        engine = StandIn(stream)
-        request = RequestStream(engine, "r", stream)
-
-        async def body():
-            while not request.finished:
-                out = await request.next()
-                yield out.new_text.encode()
+        stream, engine, request, body = direct_request()
 
         client = SlowClient()
         response = asyncio.ensure_future(SSEResponse(
@@ -450,13 +455,7 @@ def test_direct_chunks_are_sent_in_the_request_s_context():
     seen = []
 
     async def scenario():
-        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
-        request = RequestStream(StandIn(stream), "r", stream)
-
-        async def body():
-            while not request.finished:
-                yield (await request.next()).new_text.encode()
-
+        stream, _, request, body = direct_request()
         client = SlowClient()
 
         async def send(message):
@@ -488,13 +487,7 @@ def test_direct_chunks_are_sent_in_the_request_s_context():
 
 def test_nothing_is_written_after_a_direct_chunk_s_send_failed():
     async def scenario():
-        stream = _Stream(asyncio.get_running_loop(), quiet_after=60.0)
-        engine = StandIn(stream)
-        request = RequestStream(engine, "r", stream)
-
-        async def body():
-            while not request.finished:
-                yield (await request.next()).new_text.encode()
+        stream, engine, request, body = direct_request()
 
         client = SlowClient()
         sent = client.send
