@@ -61,9 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import httpx  # noqa: F401
+        import aiohttp  # noqa: F401 - the load's client
+        import httpx  # noqa: F401 - the probes and the start-up checks
     except ImportError:
-        raise SystemExit("`kvserve bench serve` needs httpx: pip install httpx") from None
+        raise SystemExit("`kvserve bench serve` needs aiohttp and httpx: pip install 'kvserve[bench]'") from None
     common.prepare(args, NAME)
     if args.url and args.launch:
         raise SystemExit("give either --url or --launch, not both")

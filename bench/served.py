@@ -210,9 +210,10 @@ def cpu_list(cpus: set[int] | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import httpx  # noqa: F401
+        import aiohttp  # noqa: F401 - the load's client
+        import httpx  # noqa: F401 - the probes and the start-up checks
     except ImportError:
-        raise SystemExit("`kvserve bench served` needs httpx: pip install httpx") from None
+        raise SystemExit("`kvserve bench served` needs aiohttp and httpx: pip install 'kvserve[bench]'") from None
     usable = os.sched_getaffinity(0)
     for flag, cpus in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus)):
         if cpus and not cpus <= usable:
