@@ -107,6 +107,15 @@ def test_requests_say_what_was_asked_and_reuse_connections():
                                 "stream_options": {"include_usage": True}, "ignore_eos": True}
 
 
+def test_an_event_line_of_megabytes_is_read_whole():
+    """A TGI stream's last event carries the whole generated text: a long one is one long line."""
+    text = "x" * (3 * 2**20)
+    events = [{"token": {"id": 1, "text": "a"}},
+              {"token": {"id": 2, "text": "b"}, "generated_text": text, "details": {"generated_tokens": 2}}]
+    (out,) = run({"p": STREAM_HEAD + chunked(sse(*events))}, ["p"], api="tgi")
+    assert out.ok and out.output_tokens == 2, out.error
+
+
 def test_tgi_streams_count_tokens_and_read_generated_tokens_from_the_details():
     events = [{"token": {"id": 1, "text": "a"}}, {"token": {"id": 2, "text": "b"},
                                                    "details": {"generated_tokens": 2}}]
