@@ -43,7 +43,8 @@ class Subcommand:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "bench": Subcommand("kvserve.bench.cli", "run a benchmark: throughput, cache-speedup, memory, prefix, serve, "
-                        "decode-floor (needs the bench extra)", extra="bench", needs=("matplotlib", "httpx")),
+                        "decode-floor (needs the bench extra)", extra="bench",
+                        needs=("matplotlib", "httpx", "aiohttp", "tqdm")),
 }
 
 

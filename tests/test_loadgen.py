@@ -26,7 +26,7 @@ def completion(text: str) -> dict:
 
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}   # (not the chunks' count)
 
 
 class Scripted:
@@ -57,8 +57,13 @@ class Scripted:
                 reply = self.replies[body.get("prompt") or body.get("inputs")]
                 if reply is None:
                     break
-                writer.write(reply)
-                await writer.drain()
+                end = b"0\r\n\r\n" if reply.endswith(b"\r\n0\r\n\r\n") else b""
+                writer.write(reply[:len(reply) - len(end)])     # the body's end marker on its own, later,
+                await writer.drain()                            # as kvserve's SSE response sends it
+                if end:
+                    await asyncio.sleep(0.01)
+                    writer.write(end)
+                    await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -84,7 +89,7 @@ def test_a_stream_counts_each_chunk_with_text_and_takes_the_usage_block():
     (out,) = run({"p": ok}, ["p"])
     assert out.ok and out.error is None
     assert len(out.token_times) == 3            # the empty-text chunk is not a token
-    assert out.output_tokens == 3 and out.prompt_tokens == 7
+    assert out.output_tokens == 5 and out.prompt_tokens == 7    # the usage block's counts
     assert 0 < out.ttft <= out.e2e and len(out.itls) == 2
 
 
@@ -113,15 +118,15 @@ def test_an_event_line_of_megabytes_is_read_whole():
     events = [{"token": {"id": 1, "text": "a"}},
               {"token": {"id": 2, "text": "b"}, "generated_text": text, "details": {"generated_tokens": 2}}]
     (out,) = run({"p": STREAM_HEAD + chunked(sse(*events))}, ["p"], api="tgi")
-    assert out.ok and out.output_tokens == 2, out.error
+    assert out.ok and out.output_tokens == 2 and len(out.token_times) == 2, out.error
 
 
 def test_tgi_streams_count_tokens_and_read_generated_tokens_from_the_details():
     events = [{"token": {"id": 1, "text": "a"}}, {"token": {"id": 2, "text": "b"},
-                                                   "details": {"generated_tokens": 2}}]
+                                                   "details": {"generated_tokens": 4}}]
     reply = STREAM_HEAD + chunked(sse(*events))
     (out,) = run({"p": reply}, ["p"], api="tgi")
-    assert out.ok and out.output_tokens == 2
+    assert out.ok and len(out.token_times) == 2 and out.output_tokens == 4   # the details' count
 
 
 def test_each_failure_is_its_own_requests_error_and_the_rest_complete():
@@ -142,48 +147,94 @@ def test_each_failure_is_its_own_requests_error_and_the_rest_complete():
 def test_a_connection_closed_mid_stream_or_unanswered_is_an_error():
     cut = STREAM_HEAD + chunked(sse(completion("a")), end=False)
 
-    async def go():
-        server = Scripted({"gone": None})
+    async def serve_and_close(reader, writer):   # answer part of the stream, then hang up
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(cut)
+        await writer.drain()
+        writer.close()
 
-        async def serve_and_close(reader, writer):   # answer part of the stream, then hang up
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(cut)
-            await writer.drain()
-            writer.close()
-        async with server as url:
+    async def go():
+        async with Scripted({"gone": None}) as url:
             client = Client(url, "openai", "m", True, timeout=10)
             try:
                 gone = await client.send(TextRequest("gone", 3))
             finally:
                 await client.close()
         half = await asyncio.start_server(serve_and_close, "127.0.0.1", 0)
-        port = half.sockets[0].getsockname()[1]
-        client = Client(f"http://127.0.0.1:{port}", "openai", "m", True, timeout=10)
+        client = Client(f"http://127.0.0.1:{half.sockets[0].getsockname()[1]}", "openai", "m", True, timeout=10)
         try:
             cut_out = await client.send(TextRequest("cut", 3))
         finally:
             await client.close()
             half.close()
+            await half.wait_closed()
         return gone, cut_out
     gone, cut_out = asyncio.run(go())
-    assert not gone.ok and gone.error
-    assert not cut_out.ok and cut_out.error
+    assert not gone.ok and gone.error.startswith("ServerDisconnectedError"), gone.error
+    assert not cut_out.ok and cut_out.error.startswith("ClientPayloadError"), cut_out.error
 
 
-def test_a_server_that_never_answers_times_out_as_an_error():
+def silent_server(delays: list[float], then: bytes = b""):
+    """A server that waits `delays` seconds, one after the other, writing one event of `then` after each."""
+    async def handler(reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if then:
+                writer.write(STREAM_HEAD)
+            for delay in delays:
+                await asyncio.sleep(delay)
+                if then:
+                    writer.write(chunked(then, end=False))
+            if then:
+                writer.write(chunked(sse(USAGE, "[DONE]")))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+    return asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+def drive(server_factory, timeout: float):
     async def go():
-        async def silent(reader, writer):
-            await asyncio.sleep(5)
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = Client(f"http://127.0.0.1:{port}", "openai", "m", True, timeout=0.3)
+        server = await server_factory
+        client = Client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "openai", "m", True, timeout)
         try:
             return await client.send(TextRequest("p", 3))
         finally:
             await client.close()
             server.close()
-    out = asyncio.run(go())
-    assert not out.ok and out.error.startswith("TimeoutError")
+            await server.wait_closed()
+    return asyncio.run(go())
+
+
+def test_a_server_that_never_answers_times_out_as_an_error():
+    out = drive(silent_server([1.0]), timeout=0.3)
+    assert not out.ok and out.error == "TimeoutError: no answer or data for 0.3 s"
+
+
+def test_the_timeout_bounds_each_wait_not_the_whole_stream():
+    """As the httpx client's did: a stream longer than the timeout, with shorter gaps, completes."""
+    out = drive(silent_server([0.15] * 6, then=sse(completion("a"))), timeout=0.5)
+    assert out.ok and len(out.token_times) == 6 and out.e2e > 0.5, out.error
+
+
+def test_a_client_serves_one_event_loop_after_another():
+    """A session belongs to the loop it was made in: a client used again under a new asyncio.run
+    makes a new one instead of failing every request."""
+    ok = STREAM_HEAD + chunked(sse(completion("a"), USAGE, "[DONE]"))
+    client = Client("http://127.0.0.1:9", "openai", "m", True, timeout=10)
+
+    async def go(close: bool):
+        async with Scripted({"p": ok}) as url:
+            client.url = url
+            out = await client.send(TextRequest("p", 3))
+            if close:
+                await client.close()
+            return out
+    first = asyncio.run(go(close=False))     # its session is left open with its loop
+    second = asyncio.run(go(close=True))
+    assert first.ok and second.ok, (first.error, second.error)
 
 
 def test_only_loopback_servers_are_driven():

@@ -92,7 +92,7 @@ def test_wheel_holds_the_one_package_kvserve(dists):
     metadata = info[f"kvserve-{v}.dist-info/METADATA"].decode()
     assert "License-Expression: Apache-2.0" in metadata
     serving = [r for r in re.findall(r"^Requires-Dist: (.+)$", metadata, re.M) if "extra ==" not in r]
-    for name in ("pytest", "hypothesis", "matplotlib", "triton", "hadolint", "build", "httpx"):
+    for name in ("pytest", "hypothesis", "matplotlib", "triton", "hadolint", "build", "httpx", "aiohttp"):
         assert not [r for r in serving if r.lower().startswith(name)], f"serving requires {name}: {serving}"
 
 
