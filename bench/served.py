@@ -75,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pin the server, and the offline run, to these CPUs, e.g. 0 (default: no pinning)")
     g.add_argument("--client-cpus", type=parse_cpus, default=None, metavar="LIST",
                    help="pin this process (the load client and the prober) to these CPUs while serving, e.g. 1")
+    g.add_argument("--api-cpus", type=parse_cpus, default=None, metavar="LIST",
+                   help="pin the server's API process (HTTP, tokenizing, detokenizing) to these CPUs instead, and "
+                        "leave --server-cpus to the engine's, e.g. --server-cpus 0 --api-cpus 1: a core each "
+                        "(default: the API process shares --server-cpus)")
     g.add_argument("--probe-streams", type=int, default=128, metavar="N", help="streams in flight while probing")
     g.add_argument("--probe-seconds", type=float, default=10.0, metavar="S",
                    help="how long the probe phase keeps --probe-streams streams in flight")
@@ -143,6 +147,13 @@ def pin_process(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(tid, cpus)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def pin_server(api_pid: int, cpus: set[int], api_cpus: set[int] | None = None) -> None:
+    """The server's processes onto `cpus`: the API process (`kvserve serve` itself) onto `api_cpus`
+    instead when given, its descendants (the engine's processes) onto `cpus`."""
+    for pid in process_tree(api_pid):
+        pin_process(pid, api_cpus if pid == api_pid and api_cpus else cpus)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -215,7 +226,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("`kvserve bench served` needs aiohttp and httpx: pip install 'kvserve[bench]'") from None
     usable = os.sched_getaffinity(0)
-    for flag, cpus in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus)):
+    if args.api_cpus and not args.server_cpus:
+        raise SystemExit("--api-cpus needs --server-cpus (the engine's CPUs)")
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus),
+                       ("--api-cpus", args.api_cpus)):
         if cpus and not cpus <= usable:
             raise SystemExit(f"{flag} {cpu_list(cpus)}: this process may only use CPUs {cpu_list(usable)}")
     if args.repeats < 1:
@@ -243,10 +257,9 @@ def run(args: argparse.Namespace) -> int:
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     with KvserveServer(path, args, engine, cpus=args.server_cpus, env=env) as server:
         pinning = {"server_cpus": cpu_list(args.server_cpus), "client_cpus": cpu_list(args.client_cpus),
-                   "threads": threads}
+                   "api_cpus": cpu_list(args.api_cpus), "threads": threads}
         if args.server_cpus:    # whatever the server started meanwhile (an engine process, threads) too
-            for pid in process_tree(server.proc.pid):
-                pin_process(pid, args.server_cpus)
+            pin_server(server.proc.pid, args.server_cpus, args.api_cpus)
         pinning["server_processes"] = {str(pid): allowed_cpus(pid) for pid in process_tree(server.proc.pid)}
         pinning["client_process"] = allowed_cpus(os.getpid())
         served, probes = asyncio.run(_served(args, server.url, str(path), reqs, warmup,
@@ -448,8 +461,10 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
     print(f"CPU seconds per second during the burst: server {busy['server']:.2f}, client {busy['client']:.2f}")
     print(f"CPU seconds during the burst: API process {spent['api_process']:.2f}, engine process(es) "
           f"{spent['engine_processes']:.2f} (offline took {offline['elapsed_s']:.2f} s)")
+    apart = (f"; the goal is for a server on one core, and the API process ran apart on CPUs {pinning['api_cpus']}"
+             if pinning.get("api_cpus") and not cuda else "")
     print(f"served / offline output tok/s: {r:.3f} ({'meets' if r >= goal else 'below'} the >= {goal} goal on "
-          f"{'CUDA' if cuda else 'CPU'})")
+          f"{'CUDA' if cuda else 'CPU'}{apart})")
     rows = []
     for phase, label in (("idle", "idle"), ("load", f"{probes['streams']} streams")):
         for path in ("/health", "/metrics"):
@@ -463,8 +478,9 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
     worst = max(probes["load"][p]["p99"] for p in ("/health", "/metrics"))
     print(f"probe p99 under load: {worst:.1f} ms ({'meets' if worst <= GOALS['probe_p99_ms'] else 'above'} the "
           f"<= {GOALS['probe_p99_ms']:.0f} ms goal)")
-    print(f"pinning: server CPUs {pinning['server_cpus'] or 'any'}, client CPUs {pinning['client_cpus'] or 'any'}, "
-          f"torch threads {pinning['threads'] or 'default'}")
+    api = f", API process CPUs {pinning['api_cpus']}" if pinning.get("api_cpus") else ""
+    print(f"pinning: server CPUs {pinning['server_cpus'] or 'any'}{api}, "
+          f"client CPUs {pinning['client_cpus'] or 'any'}, torch threads {pinning['threads'] or 'default'}")
     print(f"machine: {common.machine_line(machine)}")
     payload = {
         "benchmark": NAME, "machine": machine,
@@ -523,7 +539,8 @@ def plot(payload: dict, out_dir) -> object:
     ax2.grid(axis="y", alpha=0.3)
     model, w = payload["model"], payload["workload"]
     pin = payload["config"]["pinning"]
-    pin_s = f"; server CPUs {pin['server_cpus']}, client CPUs {pin['client_cpus']}" if pin.get("server_cpus") else ""
+    pin_s = (f"; server CPUs {pin['server_cpus']}" + (f", API {pin['api_cpus']}" if pin.get("api_cpus") else "")
+             + f", client CPUs {pin['client_cpus']}") if pin.get("server_cpus") else ""
     title = (f"Served vs offline: {w['num_requests']} requests, prompts {w['prompt_len_chars'][0]}-"
              f"{w['prompt_len_chars'][1]} chars, outputs {w['output_len'][0]}-{w['output_len'][1]} tokens "
              f"({model['shape']}, {model['dtype']}{pin_s})")

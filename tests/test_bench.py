@@ -209,6 +209,29 @@ def test_served_repeats_rotate_the_prompts_and_report_the_median_run():
     assert median_run(runs[:1], "t") == {"t": 3.0, "x": "c", "runs": [3.0]}
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_served_pins_the_api_process_apart_from_the_engines_with_api_cpus():
+    """`bench served --server-cpus A --api-cpus B`: `kvserve serve` itself (the API process) on B, every
+    process it started (the engine's) on A; without --api-cpus all of them on A."""
+    from kvserve.bench.served import allowed_cpus, pin_server, process_tree
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    # a stand-in for the server: a process that starts a child (the engine) and waits
+    api = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen("
+                            "[sys.executable, '-c', 'import time; time.sleep(60)']); print(flush=True); time.sleep(60)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        api.stdout.readline()         # the child is started
+        (engine,) = [pid for pid in process_tree(api.pid) if pid != api.pid]
+        pin_server(api.pid, {first}, {second})
+        assert (allowed_cpus(api.pid), allowed_cpus(engine)) == (str(second), str(first))
+        pin_server(api.pid, {first})
+        assert (allowed_cpus(api.pid), allowed_cpus(engine)) == (str(first), str(first))
+    finally:
+        for pid in process_tree(api.pid)[::-1]:
+            os.kill(pid, 9)
+        api.wait()
+
+
 def test_offload_benchmark_end_to_end(tmp_path):
     """`kvserve bench offload` on the tiny model, 4 short conversations in a pool for one: the tier-on run finds
     turn 2's history in the host tier, and both runs' greedy outputs are the same."""
