@@ -7,10 +7,8 @@
 # its log); logs go to $OUT (default ./gpu-out).
 #
 # Run from the repository root on the GPU host, with kvserve and its dependencies installed, or
-# with their wheels in .whl/ (built where pip works: `pip wheel --no-deps . -w .whl`, plus fastapi,
-# starlette, uvicorn, pydantic, pydantic-core, prometheus-client, opentelemetry-api, ... for the
-# host's Python, and aiohttp with its dependencies for the load client): they are installed to
-# /tmp/site first.
+# with their wheels in .whl/ (made where pip works by docs/gpu-wheels.sh: kvserve and the serving
+# dependencies the host's image lacks): they are installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 BUDGET=${BUDGET:-470}
