@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="new tokens per run, comma separated")
     g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="LIST",
                    help=f"comma-separated systems, of {', '.join(SYSTEMS)} (kvserve_compiled: with compile=True, "
-                        "the model compiled at start-up, CPU only)")
+                        "the model compiled at start-up)")
     g.add_argument("--repeats", type=int, default=1, metavar="N", help="runs per point, median reported")
 
 

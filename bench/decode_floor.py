@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="kvserve without CUDA graphs")
     g.add_argument("--async-scheduling", action="store_true",
                    help="kvserve schedules the next step while one runs (the step period is then the figure)")
+    g.add_argument("--compile", action="store_true",
+                   help="kvserve with torch.compile (on CUDA the decode graphs capture the compiled forward)")
     g.add_argument("--no-generate", action="store_true", help="skip transformers' generate() for scale")
 
 
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.context + args.steps + 8
     llm = make_llm(path, args.device, args.dtype, block_size=args.block_size, max_num_seqs=8,
                    max_model_len=max_len, num_kv_blocks=4 * (-(-max_len // args.block_size)) + 4,
-                   cuda_graphs=False if args.enforce_eager else None, async_scheduling=args.async_scheduling or None)
+                   cuda_graphs=False if args.enforce_eager else None, async_scheduling=args.async_scheduling or None,
+                   compile=args.compile or None)
     runner = llm.engine.runner
     durations: list[float] = []
     ends: list[float] = []     # when each decode step's tokens were in: their gaps are the time per token
@@ -110,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     need = bytes_per_step(runner.model, runner.model.config, args.context + args.steps // 2, args.block_size)
     floor = need["total"] / bandwidth
     graphs = runner.graphs is not None and bool(runner.graphs.graphs)
+    # the decode steps ran the compiled model (not if the graphs had to capture the eager one instead)
+    compiled = runner.compiled is not None and (runner.graphs is None or runner.graphs.compiled is not None)
     del llm, runner
     free_memory()
 
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(["", "ms", "x floor"], rows,
                 title=f"decode at batch 1: {args.model_shape}, {args.dtype} on {args.device}, context "
                       f"{args.context}+{args.steps}, CUDA graphs {'on' if graphs else 'off'}, async scheduling "
-                      f"{'on' if args.async_scheduling else 'off'}")
+                      f"{'on' if args.async_scheduling else 'off'}, compiled {'yes' if compiled else 'no'}")
     print(f"bytes per step: weights {need['weights'] / 2**20:.1f} MiB + KV {need['kv'] / 2**20:.1f} MiB; copy "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     # the step's own time, or with async scheduling (steps overlap) the gap between tokens
@@ -138,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": NAME, "machine": machine,
         "model": {"shape": args.model_shape, "description": describe(args.model_shape), "dtype": args.dtype},
         "workload": {"context": args.context, "steps": args.steps, "block_size": args.block_size},
-        "cuda_graphs": graphs, "async_scheduling": args.async_scheduling, "copy_bandwidth_bytes_per_s": bandwidth,
+        "cuda_graphs": graphs, "async_scheduling": args.async_scheduling, "compiled": compiled,
+        "copy_bandwidth_bytes_per_s": bandwidth,
         "bytes_per_step": need, "step_s": {"median": step, **common.summarize(durations)}, "period_s": period,
         "floor_s": floor, "x_floor": figure / floor,
         "target_x_floor": TARGET, "generate_per_token_s": None if gen_ms is None else gen_ms / 1e3,

@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, metavar="N", help="default: the engine's")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both)")
     g.add_argument("--async-scheduling", action="store_true", help="schedule the next step while one runs (both)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model at start-up (both)")
     g = p.add_argument_group("server and client")
     g.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                    help="pin the server, and the offline run, to these CPUs, e.g. 0 (default: no pinning)")
@@ -100,6 +101,8 @@ def engine_args(args, kv_blocks: int) -> dict:
         out["cuda_graphs"] = False
     if args.async_scheduling:
         out["async_scheduling"] = True
+    if args.compile:
+        out["compile"] = True
     return out
 
 
@@ -108,8 +111,8 @@ def serve_flags(engine: dict) -> list[str]:
     for key, value in engine.items():
         if key == "cuda_graphs":
             flags += ["--enforce-eager"] if value is False else []
-        elif key == "async_scheduling":
-            flags += ["--async-scheduling"] if value else []
+        elif key in ("async_scheduling", "compile"):
+            flags += ["--" + key.replace("_", "-")] if value else []
         else:
             flags += [ENGINE_FLAGS[key], str(value)]
     return flags

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = common.add_workload_args(p)
     g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), metavar="LIST",
                    help=f"comma-separated systems, of {', '.join(SYSTEMS)} (kvserve_compiled: with compile=True, "
-                        "the model compiled at start-up, CPU only; kvserve_async: with async_scheduling=True)")
+                        "the model compiled at start-up; kvserve_async: with async_scheduling=True)")
     g = p.add_argument_group("systems")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="generate()'s static batch size")
     g.add_argument("--max-batch-tokens", type=int, default=2048, metavar="N",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 18 in one run of at most 8 minutes on an H200, most important first: the CUDA
-# tests, batch-1 decode with CUDA graphs and eager, offline throughput, served vs offline, TTFT at 64
-# concurrent streams; then the async-scheduling figures and the host-step bench while time is left.
+# tests, batch-1 decode with CUDA graphs (eager and compiled forwards) and without, served vs offline,
+# TTFT at 64 concurrent streams; then, while time is left, TTFT with --compile, offline throughput (plain,
+# compiled, async scheduling), the async-scheduling figures and the host-step bench.
 # Each step is bounded by `timeout` and by what is left of $BUDGET seconds (default 470), so one that
 # hangs costs only its bound, and a step that would start with under 15 s left is skipped (said so in
 # its log); logs go to $OUT (default ./gpu-out).
@@ -40,29 +41,37 @@ step() {   # step SECONDS LOGNAME COMMAND...: run, bounded (by SECONDS and by th
   python3 -c 'import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)'
 } >"$OUT/env.txt" 2>&1
 
-# kernels (empty Triton cache: every compile counted), the engine against transformers on CUDA
-step 150 tests.log python3 -m pytest -q -p no:randomly -x tests/test_triton_kernels.py tests/test_triton_variants.py \
+# kernels (empty Triton cache: every compile counted), the engine against transformers on CUDA, and
+# the decode graphs capturing the torch.compile'd forward (new, never run on a GPU before)
+step 170 tests.log python3 -m pytest -q -p no:randomly -x tests/test_triton_kernels.py tests/test_triton_variants.py \
     tests/test_decode_graphs.py tests/test_async_scheduling.py "tests/test_engine_equivalence.py::test_async_scheduling" \
-    "tests/test_engine_equivalence.py::test_batched" "tests/test_engine_equivalence.py::test_preemption_recompute"
+    "tests/test_engine_equivalence.py::test_batched" "tests/test_engine_equivalence.py::test_preemption_recompute" \
+    "tests/test_compile.py::test_the_decode_graphs_run_the_compiled_forward"
 
-# batch-1 decode against the memory floor: CUDA graphs, then eager
+# batch-1 decode against the memory floor: CUDA graphs of the eager forward, of the compiled one (fewer,
+# fused kernels: is the graphed step bound by its ~800 small kernels?), then no graphs
 step 45 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
     --out-dir "$BENCH/df-graphs"
-step 35 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
+step 100 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
+    --compile --out-dir "$BENCH/df-compiled"
+step 30 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
     --enforce-eager --out-dir "$BENCH/df-eager"
-
-# offline throughput, both scheduling modes in one run
-step 80 throughput.log python3 -m kvserve.bench throughput --device cuda --model-shape "$SHAPE" --num-requests 64 \
-    --systems kvserve,kvserve_async --out-dir "$BENCH/tp"
 
 # served vs offline (medians of three runs: a first run is often the slowest), TTFT and probes under
 # 128 streams; start-up and the full warm-up take most of it, a timed run is ~2 s
 step 85 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
     --repeats 3 --out-dir "$BENCH/served-sync"
 
-# TTFT with 64 concurrent streams of 128 tokens (the issue's TTFT goal), kvserve's default step budget
+# TTFT with 64 concurrent streams of 128 tokens (the issue's TTFT goal), kvserve's default step budget;
+# then the same with --compile (prefill and mixed steps run no graph: compiled, they lose most of their Python)
 step 60 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
     --concurrency 64 --num-requests 256 --output-len 128:128 --out-dir "$BENCH/serve64"
+step 90 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
+    --concurrency 64 --num-requests 256 --output-len 128:128 --kvserve-args=--compile --out-dir "$BENCH/serve64-compiled"
+
+# offline throughput: plain, compiled and async scheduling in one run
+step 100 throughput.log python3 -m kvserve.bench throughput --device cuda --model-shape "$SHAPE" --num-requests 64 \
+    --systems kvserve,kvserve_compiled,kvserve_async --out-dir "$BENCH/tp"
 
 # while time is left: async scheduling's batch-1 time per token and its served run, the host's share of a step
 step 35 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
@@ -70,6 +79,6 @@ step 35 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --m
 step 85 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
     --repeats 3 --async-scheduling --out-dir "$BENCH/served-async"
 step 20 host_step.log python3 -m kvserve.bench host-step --out-dir "$BENCH/host-step"
-grep -h "skipped\|decode at batch 1\|passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|median of\|probe p99\|TTFT\|kvserve_async\|^kvserve \|^16,384" \
+grep -h "skipped\|decode at batch 1\|capture\|passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|median of\|probe p99\|TTFT\|kvserve_async\|kvserve_compiled\|^kvserve \|^16,384" \
     "$OUT"/*.log >"$OUT/summary.txt" 2>/dev/null
 cat "$OUT/summary.txt"

@@ -47,7 +47,8 @@ class EngineConfig:
     cpu_weight_layout: str = "auto"     # CPU: auto fuses sibling projections (q/k/v, gate/up) into one matmul and
                                         # lays each linear weight out as its BLAS runs fastest (measured at load);
                                         # "row": every weight as stored (kvserve.cpu_weights)
-    compile: bool = False               # CPU: torch.compile the model at start-up (inductor; needs a C++ compiler)
+    compile: bool = False               # torch.compile the model at start-up (inductor; on CPU it needs a C++
+                                        # compiler; on CUDA the decode graphs capture the compiled forward)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (kvserve.distributed); 1: one process
     async_scheduling: bool = False      # schedule step n+1 while step n runs (on a forward thread)
     extra: dict = field(default_factory=dict)
@@ -75,7 +76,5 @@ class EngineConfig:
             raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
         if self.compile and self.tensor_parallel_size > 1:
             raise ValueError("compile is not supported with tensor_parallel_size > 1 (the shards run eagerly)")
-        if self.compile and self.device not in ("auto", "cpu"):
-            raise ValueError(f"compile is for CPU (device {self.device!r}): on CUDA, decode steps run as CUDA graphs")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -82,12 +82,17 @@ def _forward_device(device: torch.device) -> torch.device:
     return device
 
 
-def _compile_counter(backend_name: str) -> Callable[[], int]:
-    """Kernels compiled so far by this process: the Triton backend's count, else always 0."""
-    if backend_name != "triton":
-        return lambda: 0
-    from kvserve.cache import triton_attention
-    return triton_attention.num_compiles
+def _compile_counter(backend_name: str, compiled: bool) -> Callable[[], int]:
+    """Compiles so far in this process: the Triton attention kernels' (with that backend), plus the
+    graphs torch.compile made (with a compiled model: a new one while serving is a stall of seconds)."""
+    counts = []
+    if backend_name == "triton":
+        from kvserve.cache import triton_attention
+        counts.append(triton_attention.num_compiles)
+    if compiled:
+        from torch._dynamo.utils import counters
+        counts.append(lambda: counters["stats"]["unique_graphs"])
+    return lambda: sum(count() for count in counts)
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
@@ -119,8 +124,6 @@ class EngineCore:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        if cfg.compile and loader.resolve_device(cfg.device).type != "cpu":   # before loading anything
-            raise ValueError("compile is for CPU: on CUDA, decode steps run as CUDA graphs")
         self.tp = distributed.launch(cfg)   # tensor parallel: the worker processes, None with one process
         try:
             self._build(cfg)
@@ -158,7 +161,7 @@ class EngineCore:
             self.runner.init_decode_graphs(self.max_model_len, min(cfg.max_num_seqs, cfg.cuda_graph_max_batch),
                                            capture)
         self.runner.warmup()
-        self._count_compiles = _compile_counter(backend.name)
+        self._count_compiles = _compile_counter(backend.name, self.runner.compiled is not None)
         self._compiles = self._count_compiles()   # what start-up compiled; any more is a late compile
         self.late_compiles = 0
         identity = f"{cfg.model}|{cfg.revision}|{dtype}".encode()
@@ -517,9 +520,9 @@ class EngineCore:
     def _check_compiles(self, sched) -> None:
         compiles = self._count_compiles()
         if compiles != self._compiles:
-            log.warning("a Triton kernel compiled while serving (%d so far): every request waited for it. "
-                        "Step shape: %d rows, %d decodes, %d tokens, longest context %d; start-up warm-up did "
-                        "not cover it", self.late_compiles + compiles - self._compiles, len(sched.seqs),
+            log.warning("a kernel compiled while serving (%d so far; Triton, or a torch.compile graph): every "
+                        "request waited for it. Step shape: %d rows, %d decodes, %d tokens, longest context %d; "
+                        "start-up warm-up did not cover it", self.late_compiles + compiles - self._compiles, len(sched.seqs),
                         sched.num_decodes, sched.total_tokens, max(sched.context_lens))
             self.late_compiles += compiles - self._compiles
             self._compiles = compiles

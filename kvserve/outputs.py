@@ -160,7 +160,7 @@ class EngineStats:
     prompt_tokens: int              # prompt tokens computed (prefill work), cumulative
     generation_tokens: int          # tokens generated, cumulative
     num_steps: int
-    late_compiles: int = 0          # kernels compiled after start-up (each one stalled every request)
+    late_compiles: int = 0          # kernels (or compiled graphs) made after start-up (each stalled every request)
     prefix_hit_tokens_host: int = 0  # of prefix_hit_tokens, those found in the host tier
     offload_num_blocks: int = 0     # host tier capacity (0: no host tier)
     offload_blocks_cached: int = 0  # host blocks holding a cached prefix block

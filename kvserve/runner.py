@@ -45,8 +45,10 @@ class ModelRunner:
         steps shaped like serving's (one decode, several decodes, a prefill chunk, and a prefill beside a
         decode), so none compiles while serving. The paged attention stays one opaque op per layer
         (kvserve::paged_attention); the rest of each layer (norms, rotary, MLP, residuals) becomes
-        fused kernels and the per-module Python goes. Returns False, and leaves the model eager, when
-        compiling fails (e.g. no C++ compiler on the host)."""
+        fused kernels and the per-module Python goes. On CUDA the decode graphs then capture the
+        compiled forward (init_decode_graphs), and the steps no graph runs (prefills, mixed steps) run
+        it without a capture. Returns False, and leaves the model eager, when compiling fails (e.g. no
+        C++ compiler on a CPU host)."""
         t0 = time.perf_counter()
         # dynamo keeps its graphs per code object, shared by every model in the process (the offline LLM,
         # tests, benchmarks build several): past the limit it would run frames eagerly without a word
@@ -66,18 +68,22 @@ class ModelRunner:
         return True
 
     def init_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
-        """Decode through the padded static-buffer path; captured as CUDA graphs when `capture`
-        (off CUDA the same path runs eagerly, for tests)."""
-        self.graphs = DecodeGraphs(self.model, self.kv_pool.caches, self.kv_pool.block_size, max_model_len,
-                                   max_batch, self.device)
-        if not capture:
-            log.warning("cuda_graphs on %s: the padded decode path runs without capture", self.device)
-            return
-        try:
-            self.graphs.capture_all()
-        except Exception:  # a model whose forward cannot be captured still serves, eagerly
-            log.exception("CUDA graph capture failed; decoding eagerly")
-            self.graphs = None
+        """Decode through the padded static-buffer path, running the compiled model if there is one;
+        captured as CUDA graphs when `capture` (off CUDA the same path runs uncaptured, for tests). If
+        the compiled forward cannot be captured, the eager one is; if neither can, decodes run eagerly."""
+        for compiled in ([self.compiled, None] if self.compiled is not None else [None]):
+            self.graphs = DecodeGraphs(self.model, self.kv_pool.caches, self.kv_pool.block_size, max_model_len,
+                                       max_batch, self.device, compiled)
+            if not capture:
+                log.warning("cuda_graphs on %s: the padded decode path runs without capture", self.device)
+                return
+            try:
+                self.graphs.capture_all()
+                return
+            except Exception:  # a model whose forward cannot be captured still serves, eagerly
+                log.exception("CUDA graph capture of the %s forward failed%s", "compiled" if compiled is not None else "eager",
+                              "; capturing the eager forward" if compiled is not None else "; decoding eagerly")
+        self.graphs = None
 
     @torch.inference_mode()
     def move_blocks(self, step: SchedulerOutput) -> None:
@@ -135,6 +141,8 @@ class ModelRunner:
                                  logits_to_keep=logits_to_keep, kv_meta=meta)
                 log.exception("a compiled forward failed where the eager one runs: serving eagerly from now on")
                 self.compiled = None
+                if self.graphs is not None:   # (graphs captured from it keep replaying: a capture is checked)
+                    self.graphs.compiled = None
                 return out.logits[0][:0] if keeps_none else out.logits[0]
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                          logits_to_keep=logits_to_keep, kv_meta=meta)

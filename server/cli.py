@@ -159,8 +159,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--attention-backend", "paged attention: auto is the Triton kernels on CUDA, PyTorch on CPU",
              default="auto", choices=["auto", "torch", "triton"])
     add_switch(p, "--enforce-eager", "run decode steps eagerly, without the CUDA graphs captured at start-up")
-    add_switch(p, "--compile", "CPU: torch.compile the model at start-up (inductor, needs a C++ compiler; "
-               "falls back to eager if compiling fails)")
+    add_switch(p, "--compile", "torch.compile the model at start-up (inductor; on CPU it needs a C++ compiler; "
+               "on CUDA the decode graphs capture the compiled forward); falls back to eager if compiling fails")
     add_switch(p, "--async-scheduling", "schedule the next step while the forward of one runs (on a forward "
                "thread); the outputs are the same, meant for GPUs")
     add_flag(p, "--max-waiting-requests", "requests allowed to wait for a slot; more get 429", type=int,

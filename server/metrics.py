@@ -131,8 +131,9 @@ class EngineStatsCollector(Collector):
             counter("kvserve_prompt_tokens", "Prompt tokens computed (prefill work).", stat("prompt_tokens")),
             counter("kvserve_generation_tokens", "Tokens generated.", stat("generation_tokens")),
             counter("kvserve_engine_steps", "Engine steps run.", stat("num_steps")),
-            counter("kvserve_kernel_late_compiles", "Triton kernels compiled after start-up; each stalled every "
-                    "request while it compiled (0 expected: start-up compiles every variant).",
+            counter("kvserve_kernel_late_compiles", "Kernels compiled after start-up (Triton attention variants, and "
+                    "with --compile torch.compile graphs); each stalled every request while it compiled (0 expected: "
+                    "start-up compiles every variant).",
                     stat("late_compiles")),
         ]
 

@@ -1,7 +1,7 @@
-"""`compile=True` (`kvserve serve --compile`): the model runs through torch.compile on CPU. Greedy
-outputs still equal transformers' generate(), with batching, chunked prefill, prefix hits and
-preemption; every graph is compiled at start-up (nothing compiles while serving); a compiled graph
-that fails gives way to the eager model for good."""
+"""`compile=True` (`kvserve serve --compile`): the model runs through torch.compile. Greedy outputs
+still equal transformers' generate(), with batching, chunked prefill, prefix hits and preemption, and
+through the decode graphs' padded path (captured on CUDA); every graph is compiled at start-up
+(nothing compiles while serving); a compiled graph that fails gives way to the eager model for good."""
 from __future__ import annotations
 
 import pytest
@@ -62,9 +62,74 @@ def test_a_failing_compiled_graph_gives_way_to_eager(tiny_model_factory, caplog)
     assert "serving eagerly from now on" in caplog.text
 
 
-def test_compile_is_refused_off_cpu(tiny_model_factory):
-    with pytest.raises(ValueError, match="compile is for CPU"):
-        LLM(tiny_model_factory("llama"), device="cuda", compile=True)
+def test_the_decode_graphs_run_the_compiled_forward(tiny_model_factory, reference):  # noqa: F811
+    """compile=True beside the decode graphs: on CUDA they capture the compiled forward (inductor's fused
+    kernels instead of hundreds of small ones per step); here the same padded static-buffer path runs
+    uncaptured through the Triton interpreter. Decode steps go through the compiled model, the attention
+    op finds each step's metadata, and greedy outputs still equal transformers'."""
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=32, attention_backend="triton",
+              cuda_graphs=True, cuda_graph_max_batch=4, compile=True)
+    runner = llm.engine.runner
+    assert runner.compiled is not None and runner.graphs.compiled is runner.compiled
+    captured = bool(runner.graphs.graphs)    # on CUDA: the replays call no Python, nothing to count
+    compiled, batch_sizes = runner.graphs.compiled, []
+
+    def counted(**inputs):
+        batch_sizes.append(inputs["input_ids"].shape[1])
+        return compiled(**inputs)
+
+    runner.graphs.compiled = counted
+    compiled_at_start, uncompiled_at_start = _graphs_compiled(), attention.uncompiled_calls
+    prompts = _prompts(10, (9, 30, 17))
+    assert_matches("llama", reference, prompts, llm.generate(prompts, _greedy()))
+    assert 4 in (runner.graphs.graphs if captured else batch_sizes), batch_sizes   # three decodes, padded to 4
+    # the static buffers are inference tensors like the eager path's inputs: no graph of their own
+    assert _graphs_compiled() == compiled_at_start, "a graph compiled while serving"
+    assert attention.uncompiled_calls == uncompiled_at_start, "dynamo ran part of the model eagerly"
+    assert llm.engine.stats().late_compiles == 0
+
+
+def test_a_graph_compiled_while_serving_counts_as_a_late_compile():
+    """With a compiled model, a new torch.compile graph after start-up stalls every request for seconds:
+    the engine's late-compile count (the warning, kvserve_kernel_late_compiles_total) includes it."""
+    import torch
+    from kvserve.engine import _compile_counter
+    count = _compile_counter("torch", compiled=True)
+    before = count()
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert count() == before + 1
+    assert _compile_counter("torch", compiled=False)() == 0
+
+
+def test_a_compiled_forward_that_cannot_be_captured_gives_way_to_the_eager_one(tiny_model_factory, monkeypatch,
+                                                                               caplog):
+    """On CUDA: if capturing the compiled forward fails, the eager forward is captured instead (the compiled
+    model still runs the steps no graph covers); if that fails too, decodes run without graphs."""
+    from kvserve.cuda_graphs import DecodeGraphs
+    llm = LLM(tiny_model_factory("llama"), block_size=8, num_kv_blocks=32, attention_backend="triton",
+              cuda_graphs=True, cuda_graph_max_batch=4, compile=True)
+    runner, tried = llm.engine.runner, []
+
+    def capture_all(graphs):
+        tried.append(graphs.compiled)
+        if graphs.compiled is not None or fail_eager:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "capture_all", capture_all)
+    fail_eager = False
+    runner.init_decode_graphs(64, 4, capture=True)
+    assert tried == [runner.compiled, None] and runner.graphs is not None and runner.graphs.compiled is None
+    assert "capture of the compiled forward failed; capturing the eager forward" in caplog.text
+    tried.clear()
+    fail_eager = True
+    runner.init_decode_graphs(64, 4, capture=True)
+    assert tried == [runner.compiled, None] and runner.graphs is None
+    assert runner.compiled is not None
+
+
+def test_compile_is_accepted_on_cuda():
+    from kvserve.config import EngineConfig
+    assert EngineConfig(model="unused", device="cuda", compile=True).compile
 
 
 def test_a_device_fault_in_a_compiled_graph_keeps_it(tiny_model_factory):

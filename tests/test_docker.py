@@ -219,13 +219,15 @@ def test_image_env_drives_kvserve_serve(monkeypatch):
     assert build_parser().parse_args(["serve", "--model", "org/name"]).model == "org/name"
 
 
-def test_triton_cache_lives_on_the_volume():
-    """Compiled Triton kernels persist across container restarts: TRITON_CACHE_DIR sits under a
-    declared VOLUME (the one compose mounts), and the image creates it for the kvserve user."""
+@pytest.mark.parametrize("variable", ["TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"])
+def test_compile_caches_live_on_the_volume(variable):
+    """Compiled Triton kernels (and, with --compile, torch.compile's graphs) persist across container
+    restarts: the cache directory sits under a declared VOLUME (the one compose mounts), and the
+    image creates it for the kvserve user."""
     text = (DOCKER / "Dockerfile").read_text()
     env = image_env()
     volumes = json.loads(re.search(r"^VOLUME (\[.*\])$", text, re.M).group(1))
-    cache = env["TRITON_CACHE_DIR"]
+    cache = env[variable]
     assert any(cache.startswith(v.rstrip("/") + "/") for v in volumes), (cache, volumes)
     assert re.search(r"mkdir -p [^\n]*" + re.escape(cache), text)
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())

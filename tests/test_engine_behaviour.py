@@ -219,7 +219,7 @@ def test_a_kernel_compiled_while_serving_is_logged_and_counted(llm, monkeypatch,
     with caplog.at_level("WARNING", logger="kvserve"):
         llm.generate("late", SamplingParams(max_tokens=3, ignore_eos=True))
     assert llm.engine.stats().late_compiles == before + 3      # one per step: the prefill and two decodes
-    assert "a Triton kernel compiled while serving" in caplog.text
+    assert "a kernel compiled while serving" in caplog.text
 
 
 def test_a_slow_reader_gets_the_tokens_it_missed_merged_into_one_output(demo_model_dir):

@@ -548,6 +548,8 @@ def test_pods_run_locked_down_as_the_images_user(target):
     hf_home = re.search(r"HF_HOME=(\S+)", dockerfile())[1]
     assert env_of(container)["HF_HOME"]["value"] == hf_home and hf_home in mounts
     assert env_of(container)["TRITON_CACHE_DIR"]["value"].startswith(hf_home + "/")
+    assert env_of(container)["TORCHINDUCTOR_CACHE_DIR"]["value"] == re.search(r"TORCHINDUCTOR_CACHE_DIR=(\S+)",
+                                                                              dockerfile())[1]
     assert {"/tmp", "/home/kvserve"} <= set(mounts)
     assert set(mounts.values()) == {v["name"] for v in spec["volumes"]}
 
