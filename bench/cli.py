@@ -18,6 +18,7 @@ BENCHMARKS = {
     "structured": "kvserve.bench.structured",
     "tp": "kvserve.bench.tp",
     "host-step": "kvserve.bench.host_step",
+    "kernels": "kvserve.bench.kernels",
 }
 
 
@@ -65,4 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     if getattr(args, "replot", None):
         return _replot(args)
+    _exit_on_sigterm()
     return int(args._run(args) or 0)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a `timeout` around the bench, a CI job cancelled) unwinds like Ctrl-C: the servers a bench
+    launched (in sessions of their own, out of the signal's reach) are stopped on the way out, instead of
+    being left holding their port and the GPU's memory. Exit status 143, as if killed by it."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

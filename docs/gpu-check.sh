@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 18 in one run of at most 8 minutes on an H200, most important first: the CUDA
 # tests, batch-1 decode with CUDA graphs (eager and compiled forwards) and without, served vs offline,
-# TTFT at 64 concurrent streams; then, while time is left, TTFT with --compile, offline throughput (plain,
-# compiled, async scheduling), the async-scheduling figures and the host-step bench.
+# TTFT at 64 concurrent streams; then, while time is left, the kernels of a decode step, TTFT with
+# --compile, offline throughput (plain, compiled, async scheduling), the async-scheduling figures and the
+# host-step bench.
 # Each step is bounded by `timeout` and by what is left of $BUDGET seconds (default 470), so one that
 # hangs costs only its bound, and a step that would start with under 15 s left is skipped (said so in
 # its log); logs go to $OUT (default ./gpu-out).
@@ -33,7 +34,7 @@ step() {   # step SECONDS LOGNAME COMMAND...: run, bounded (by SECONDS and by th
     ((limit > left)) && limit=$left
     local t0=$SECONDS
     echo "== $* (limit ${limit}s)" | tee -a "$OUT/$log"
-    timeout "$limit" "$@" >>"$OUT/$log" 2>&1
+    timeout -k 15 "$limit" "$@" >>"$OUT/$log" 2>&1   # SIGTERM first: a bench stops the servers it launched
     echo "== exit $? after $((SECONDS - t0))s" | tee -a "$OUT/$log"
 }
 
@@ -49,7 +50,7 @@ step 170 tests.log python3 -m pytest -q -p no:randomly -x tests/test_triton_kern
     "tests/test_compile.py::test_the_decode_graphs_run_the_compiled_forward"
 
 # batch-1 decode against the memory floor: CUDA graphs of the eager forward, of the compiled one (fewer,
-# fused kernels: is the graphed step bound by its ~800 small kernels?), then no graphs
+# fused kernels: is the graphed step bound by its ~940 small kernels?), then no graphs
 step 45 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
     --out-dir "$BENCH/df-graphs"
 step 100 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --model-shape "$SHAPE" --no-generate \
@@ -66,6 +67,8 @@ step 85 served.log python3 -m kvserve.bench served --device cuda --model-shape "
 # then the same with --compile (prefill and mixed steps run no graph: compiled, they lose most of their Python)
 step 60 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
     --concurrency 64 --num-requests 256 --output-len 128:128 --out-dir "$BENCH/serve64"
+# the kernels a decode step launches on the GPU, eager and compiled (939 and 345, counted on CPU as a proxy)
+step 60 kernels.log python3 -m kvserve.bench kernels --device cuda --model-shape "$SHAPE" --out-dir "$BENCH/kernels"
 step 90 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
     --concurrency 64 --num-requests 256 --output-len 128:128 --kvserve-args=--compile --out-dir "$BENCH/serve64-compiled"
 
@@ -79,6 +82,6 @@ step 35 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --m
 step 85 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
     --repeats 3 --async-scheduling --out-dir "$BENCH/served-async"
 step 20 host_step.log python3 -m kvserve.bench host-step --out-dir "$BENCH/host-step"
-grep -h "skipped\|decode at batch 1\|capture\|passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|median of\|probe p99\|TTFT\|kvserve_async\|kvserve_compiled\|^kvserve \|^16,384" \
+grep -h "skipped\|decode at batch 1\|capture\|passed\|failed\|time per token\|kvserve decode step\|output tok/s\|served / offline\|median of\|probe p99\|TTFT\|kvserve_async\|kvserve_compiled\|^eager \|^compiled \|^kvserve \|^16,384" \
     "$OUT"/*.log >"$OUT/summary.txt" 2>/dev/null
 cat "$OUT/summary.txt"

@@ -84,7 +84,9 @@ def _forward_device(device: torch.device) -> torch.device:
 
 def _compile_counter(backend_name: str, compiled: bool) -> Callable[[], int]:
     """Compiles so far in this process: the Triton attention kernels' (with that backend), plus the
-    graphs torch.compile made (with a compiled model: a new one while serving is a stall of seconds)."""
+    graphs torch.compile made (with a compiled model: a new one while serving is a stall of seconds).
+    Both counts are the process's: a server runs one engine, but an offline process that compiles
+    something else between two steps (another engine, its own torch.compile) has it counted here too."""
     counts = []
     if backend_name == "triton":
         from kvserve.cache import triton_attention

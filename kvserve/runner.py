@@ -70,7 +70,8 @@ class ModelRunner:
     def init_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool) -> None:
         """Decode through the padded static-buffer path, running the compiled model if there is one;
         captured as CUDA graphs when `capture` (off CUDA the same path runs uncaptured, for tests). If
-        the compiled forward cannot be captured, the eager one is; if neither can, decodes run eagerly."""
+        the compiled forward cannot be captured, the eager one is; if neither can, decode steps run the
+        packed path like any other step."""
         for compiled in ([self.compiled, None] if self.compiled is not None else [None]):
             self.graphs = DecodeGraphs(self.model, self.kv_pool.caches, self.kv_pool.block_size, max_model_len,
                                        max_batch, self.device, compiled)
@@ -80,9 +81,10 @@ class ModelRunner:
             try:
                 self.graphs.capture_all()
                 return
-            except Exception:  # a model whose forward cannot be captured still serves, eagerly
-                log.exception("CUDA graph capture of the %s forward failed%s", "compiled" if compiled is not None else "eager",
-                              "; capturing the eager forward" if compiled is not None else "; decoding eagerly")
+            except Exception:  # a model whose forward cannot be captured still serves, without graphs
+                kind = "compiled" if compiled is not None else "eager"
+                log.exception("CUDA graph capture of the %s forward failed%s", kind,
+                              "; capturing the eager forward" if compiled is not None else "; decoding without graphs")
         self.graphs = None
 
     @torch.inference_mode()
@@ -139,9 +141,11 @@ class ModelRunner:
                 # finds its rows); if not, the compiled graph is, and it is dropped for good
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep, kv_meta=meta)
-                log.exception("a compiled forward failed where the eager one runs: serving eagerly from now on")
+                captured = self.graphs is not None and bool(self.graphs.graphs) and self.graphs.compiled is not None
+                log.exception("a compiled forward failed where the eager one runs: serving eagerly from now on%s",
+                              " (decode steps still replay the CUDA graphs captured from it)" if captured else "")
                 self.compiled = None
-                if self.graphs is not None:   # (graphs captured from it keep replaying: a capture is checked)
+                if self.graphs is not None and not captured:   # (a captured graph was checked when it was made)
                     self.graphs.compiled = None
                 return out.logits[0][:0] if keeps_none else out.logits[0]
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,

@@ -292,3 +292,48 @@ def test_host_step_benchmark_end_to_end(tmp_path):
     assert [(r["context"], r["blocks_per_sequence"]) for r in payload["results"]] == [(32, 3), (300, 19)]
     assert all(r["schedule_ms"] > 0 and r["pack_ms"] > 0 for r in payload["results"])
     assert "host work per decode step of 8 sequences" in proc.stdout
+
+
+def test_a_terminated_bench_stops_the_servers_it_launched(tmp_path):
+    """SIGTERM (a `timeout` around the bench, as docs/gpu-check.sh has) unwinds the bench like Ctrl-C, so the
+    servers it launched in sessions of their own are stopped on the way out instead of holding the GPU."""
+    import signal
+    import time
+    marker = tmp_path / "cleaned"
+    script = ("import sys, time\n"
+              "from kvserve.bench.cli import _exit_on_sigterm\n"
+              "_exit_on_sigterm()\n"
+              "try:\n"
+              "    print('ready', flush=True)\n"
+              "    time.sleep(60)\n"
+              "finally:\n"
+              f"    open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert marker.exists(), "the bench's cleanup did not run"
+
+
+def test_kernels_benchmark_counts_a_decode_steps_kernels(tmp_path):
+    """`kvserve bench kernels`: one decode step's kernel-launching calls (a proxy on CPU): the tiny Llama's
+    7 projections a layer and its lm_head as 15 matmuls, each layer's paged attention as one call."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "kvserve", "bench", "kernels", "--model-shape", "tiny", "--forwards", "eager",
+           "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=cwd, env=bench_env(tmp_path), capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((cwd / "bench-results" / "kernels" / "kernels.json").read_text())
+    eager = payload["results"]["eager"]
+    top = dict(eager["top"])
+    assert eager["layers"] == 2 and top["attention"] == 2 and top["mm"] == 15
+    assert eager["calls"] == sum(n for _, n in eager["top"]) and eager["calls"] > 40
+    assert "one decode step at batch 1: tiny" in proc.stdout and payload["machine"]["cpu_model"]
