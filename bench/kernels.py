@@ -111,8 +111,11 @@ def count(args: argparse.Namespace, compiled: bool) -> dict:
 
 
 def _device_kernels(events) -> list[str]:
+    """The device's activities (kernels, copies, fills): as events of their own, or, where this torch lists
+    them only under the CPU calls that launched them, from there."""
     from torch.autograd import DeviceType
-    return [e.name for e in events if e.device_type == DeviceType.CUDA]
+    names = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    return names or [k.name for e in events for k in getattr(e, "kernels", ())]
 
 
 def _cpu_kernels(events) -> list[str]:
