@@ -524,8 +524,8 @@ class EngineCore:
         if compiles != self._compiles:
             log.warning("a kernel compiled while serving (%d so far; Triton, or a torch.compile graph): every "
                         "request waited for it. Step shape: %d rows, %d decodes, %d tokens, longest context %d; "
-                        "start-up warm-up did not cover it", self.late_compiles + compiles - self._compiles, len(sched.seqs),
-                        sched.num_decodes, sched.total_tokens, max(sched.context_lens))
+                        "start-up warm-up did not cover it", self.late_compiles + compiles - self._compiles,
+                        len(sched.seqs), sched.num_decodes, sched.total_tokens, max(sched.context_lens))
             self.late_compiles += compiles - self._compiles
             self._compiles = compiles
 
