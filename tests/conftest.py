@@ -11,6 +11,10 @@ Fixtures (models are built once per test session under pytest's tmp dir):
   (These two are function-scoped so direct parametrization works; building is cached.)
 
 Nothing is downloaded: the Hugging Face hub is put in offline mode for the whole run.
+
+An ``LLM`` made in a test runs in float32 unless the test names a dtype: the engine tests compare with
+transformers' ``generate()`` in float32, and on CUDA ``dtype="auto"`` would be bfloat16 (on CPU it is
+float32 anyway).
 """
 from __future__ import annotations
 
@@ -50,6 +54,20 @@ def demo_model_dir(tmp_path_factory) -> str:
     from kvserve.demo import ensure_demo_model
 
     return ensure_demo_model(str(tmp_path_factory.mktemp("demo") / "demo-model"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_in_float32():
+    from kvserve.llm import LLM
+    init = LLM.__init__
+
+    def float32_by_default(self, model=None, **engine_args):
+        engine_args.setdefault("dtype", "float32")
+        init(self, model, **engine_args)
+
+    LLM.__init__ = float32_by_default
+    yield
+    LLM.__init__ = init
 
 
 @pytest.fixture(scope="session")

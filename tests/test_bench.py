@@ -308,7 +308,8 @@ def test_a_terminated_bench_stops_the_servers_it_launched(tmp_path):
               "    time.sleep(60)\n"
               "finally:\n"
               f"    open({str(marker)!r}, 'w').close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=bench_env(tmp_path))
     try:
         assert proc.stdout.readline().strip() == "ready"
         t0 = time.monotonic()
