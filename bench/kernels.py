@@ -130,16 +130,16 @@ def _cpu_kernels(events) -> list[str]:
             parent = parent.cpu_parent
         if "kvserve::execute" not in chain or ATTENTION in chain:
             continue
+        inside_a_kernel = any((n.startswith("aten::") and n not in NO_KERNEL) or "cpp_fused" in n for n in chain)
         if e.name == ATTENTION:
             names.append("attention")
         elif "cpp_fused" in e.name:
             names.append("fused")
-        elif e.name == "aten::copy_" and any(n in ("aten::to", "aten::_to_copy") for n in chain):
-            if not any(n.startswith("aten::") and n not in NO_KERNEL for n in chain) and \
-                    not any("cpp_fused" in n for n in chain):
-                names.append("cast")     # a cast that copies (one that returns its input launches nothing)
-        elif e.name.startswith("aten::") and e.name not in NO_KERNEL and not any(
-                (n.startswith("aten::") and n not in NO_KERNEL) or "cpp_fused" in n for n in chain):
+        elif inside_a_kernel:
+            continue                 # counted as the operator that called it
+        elif e.name == "aten::copy_" and ("aten::to" in chain or "aten::_to_copy" in chain):
+            names.append("cast")     # a cast that copies (one that returns its input launches nothing)
+        elif e.name.startswith("aten::") and e.name not in NO_KERNEL:
             names.append(e.name.removeprefix("aten::"))
     return names
 

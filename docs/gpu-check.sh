@@ -63,12 +63,12 @@ step 30 decode_floor.log python3 -m kvserve.bench decode-floor --device cuda --m
 step 85 served.log python3 -m kvserve.bench served --device cuda --model-shape "$SHAPE" --probe-seconds 5 \
     --repeats 3 --out-dir "$BENCH/served-sync"
 
-# TTFT with 64 concurrent streams of 128 tokens (the TTFT goal), kvserve's default step budget;
-# then the same with --compile (prefill and mixed steps run no graph: compiled, they lose most of their Python)
+# TTFT with 64 concurrent streams of 128 tokens (the TTFT goal), kvserve's default step budget
 step 60 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
     --concurrency 64 --num-requests 256 --output-len 128:128 --out-dir "$BENCH/serve64"
 # the kernels a decode step launches on the GPU, eager and compiled (939 and 345, counted on CPU as a proxy)
 step 60 kernels.log python3 -m kvserve.bench kernels --device cuda --model-shape "$SHAPE" --out-dir "$BENCH/kernels"
+# TTFT at 64 streams with --compile (prefill and mixed steps run no graph: compiled, they lose most of their Python)
 step 90 serve64.log python3 -m kvserve.bench serve --device cuda --model-shape "$SHAPE" --launch kvserve \
     --concurrency 64 --num-requests 256 --output-len 128:128 --kvserve-args=--compile --out-dir "$BENCH/serve64-compiled"
 
