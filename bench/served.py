@@ -2,6 +2,8 @@
 
 Three phases, each timed on its own:
 1. offline: `kvserve.LLM(...).generate(prompts, params)` in this process (pinned like the server);
+   with `--engine-client`, then the same through `kvserve.AsyncEngine` in this process (the engine's own
+   process, a stream per request, detokenizing; no HTTP), pinned like the server: what HTTP adds;
 2. burst: every request sent at once to a launched `kvserve serve` over streaming `POST /v1/completions`
    (served tok/s, TTFT, inter-token latency);
 3. probes: `GET /health` and `GET /metrics` every `--probe-interval` from a separate process, at idle and
@@ -71,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both)")
     g.add_argument("--async-scheduling", action="store_true", help="schedule the next step while one runs (both)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model at start-up (both)")
+    g.add_argument("--engine-client", action="store_true",
+                   help="after the offline runs, run the workload through kvserve.AsyncEngine in this process too: "
+                        "the engine process, its pipes and a stream per request with detokenizing, but no HTTP, "
+                        "pinned like the server (this process on --api-cpus if given): the served path's cost "
+                        "apart from HTTP")
     g = p.add_argument_group("server and client")
     g.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                    help="pin the server, and the offline run, to these CPUs, e.g. 0 (default: no pinning)")
@@ -253,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     if args.server_cpus:
         pin_process(os.getpid(), args.server_cpus)
     offline = _offline(args, path, engine, reqs, warmup)
+    client_side = _engine_client(args, path, engine, reqs, warmup, threads) if args.engine_client else None
     if args.client_cpus:
         pin_process(os.getpid(), args.client_cpus)
     elif args.server_cpus:
@@ -267,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         pinning["client_process"] = allowed_cpus(os.getpid())
         served, probes = asyncio.run(_served(args, server.url, str(path), reqs, warmup,
                                              lambda: server_cpu_seconds(server.proc.pid)))
-    _report(args, machine, reqs, engine, warmup, pinning, offline, served, probes)
+    _report(args, machine, reqs, engine, warmup, pinning, offline, served, probes, client_side)
     return 0
 
 
@@ -320,6 +328,67 @@ def _offline(args, path, engine: dict, reqs: list[TextRequest], warmup: str) -> 
     free_memory()
     return {**median_run(runs, "elapsed_s"), "requests": len(reqs),
             "expected_output_tokens": sum(r.max_tokens for r in reqs)}
+
+
+def _engine_client(args, path, engine: dict, reqs: list[TextRequest], warmup: str, threads: int | None) -> dict:
+    """The workload through kvserve.AsyncEngine in this process, every request at once, each output read as
+    the server reads it: the engine's own process, the pipes, the reader thread that detokenizes and a
+    stream per request, without HTTP. The engine process is pinned and threaded like the server's (it
+    inherits this process's CPUs, and OMP_NUM_THREADS); this process moves to --api-cpus if given."""
+    from kvserve import AsyncEngine, EngineConfig, SamplingParams
+    from kvserve.bench.peers import free_memory
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        client = AsyncEngine(EngineConfig(model=str(path), device=args.device, dtype=args.dtype, **engine))
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    if args.api_cpus:
+        pin_process(os.getpid(), args.api_cpus)
+
+    async def one(r: TextRequest) -> int:
+        tokens = 0
+        params = SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0)
+        async for out in client.generate(r.prompt, params):
+            tokens += len(out.new_tokens)
+            out.new_text     # noqa: B018 - read as the server reads it (merged pieces are joined here)
+        return tokens
+
+    async def go(batch: list[TextRequest]) -> dict:
+        cpu0, own0, start = cpu_seconds([client.pid]), time.process_time(), time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(r) for r in batch)))
+        elapsed = time.perf_counter() - start
+        return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+                "cpu_seconds": {"engine_process": cpu_seconds([client.pid]) - cpu0,
+                                "client_process": time.process_time() - own0}}
+
+    async def main() -> list[dict]:
+        log.info("engine client warm-up (%s)", warmup)
+        await go(_warm_slice(reqs, warmup))
+        runs = []
+        for turn in range(args.repeats):
+            log.info("engine client: %d requests at once, no HTTP (run %d of %d)", len(reqs), turn + 1, args.repeats)
+            runs.append(await go(rotated(reqs, turn)))
+            log.info("engine client: %.1f output tokens/s (%.2f s)", runs[-1]["output_tokens_per_s"],
+                     runs[-1]["elapsed_s"])
+        return runs
+
+    client.start()
+    try:
+        runs = asyncio.run(main())
+    finally:
+        client.shutdown()
+        client = None
+        free_memory()
+    if args.server_cpus:
+        pin_process(os.getpid(), args.server_cpus)
+    middle = median_run(runs, "elapsed_s")
+    middle["run_cpu_seconds"] = [run["cpu_seconds"] for run in runs]
+    return {**middle, "requests": len(reqs)}
 
 
 async def _served(args, url: str, model: str, reqs: list[TextRequest], warmup: str,
@@ -438,18 +507,23 @@ def probe_loop(url: str, interval: float, stop, conn, cpus: set[int] | None) -> 
 
 # report
 
-def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probes) -> None:
+def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probes, client_side=None) -> None:
     cuda = args.device.startswith("cuda")
     goal = GOALS["ratio_cuda"] if cuda else GOALS["ratio_cpu"]
     r = ratio(served["output_tokens_per_s"], offline["output_tokens_per_s"])
+    if client_side:
+        client_side["over_offline"] = ratio(client_side["output_tokens_per_s"], offline["output_tokens_per_s"])
+    rows = [["offline LLM.generate", offline["requests"], 0, offline["output_tokens"], offline["elapsed_s"],
+             offline["output_tokens_per_s"], None, None, None, None]]
+    if client_side:
+        rows.append(["AsyncEngine, no HTTP", client_side["requests"], 0, client_side["output_tokens"],
+                     client_side["elapsed_s"], client_side["output_tokens_per_s"], None, None, None, None])
+    rows.append(["served, all at once", served["requests"], served["errors_all_runs"], served["output_tokens"],
+                 served["duration_s"], served["output_tokens_per_s"], served["ttft_s"]["p50"],
+                 served["ttft_s"]["p99"], served["itl_s"]["p50"] * 1e3, served["itl_s"]["p99"] * 1e3])
     print()
     print_table(["run", "requests", "errors", "output tok", "time s", "output tok/s", "TTFT p50 s", "TTFT p99 s",
-                 "ITL p50 ms", "ITL p99 ms"],
-                [["offline LLM.generate", offline["requests"], 0, offline["output_tokens"], offline["elapsed_s"],
-                  offline["output_tokens_per_s"], None, None, None, None],
-                 ["served, all at once", served["requests"], served["errors_all_runs"], served["output_tokens"],
-                  served["duration_s"], served["output_tokens_per_s"], served["ttft_s"]["p50"],
-                  served["ttft_s"]["p99"], served["itl_s"]["p50"] * 1e3, served["itl_s"]["p99"] * 1e3]],
+                 "ITL p50 ms", "ITL p99 ms"], rows,
                 title=f"served vs offline: {len(reqs)} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} "
                       f"chars, outputs {args.output_len[0]}-{args.output_len[1]} tokens, ignore_eos, greedy, "
                       f"streaming /v1/completions; model {args.model_shape}, {args.dtype} on {args.device}; "
@@ -468,6 +542,12 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
              if pinning.get("api_cpus") and not cuda else "")
     print(f"served / offline output tok/s: {r:.3f} ({'meets' if r >= goal else 'below'} the >= {goal} goal on "
           f"{'CUDA' if cuda else 'CPU'}{apart})")
+    if client_side:
+        spent_c = client_side["cpu_seconds"]
+        runs = " / ".join(f"{value:.2f}" for value in client_side["runs"])
+        print(f"without HTTP (kvserve.AsyncEngine in the bench's process): {client_side['over_offline']:.3f} of "
+              f"offline ({runs} s); CPU seconds: engine process {spent_c['engine_process']:.2f}, the client's "
+              f"process (reader thread, streams) {spent_c['client_process']:.2f}")
     rows = []
     for phase, label in (("idle", "idle"), ("load", f"{probes['streams']} streams")):
         for path in ("/health", "/metrics"):
@@ -494,13 +574,15 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
                      "temperature": 0},
         "config": {"engine": engine, "api": "POST /v1/completions, stream=true, all requests sent at once",
                    "warmup": warmup, "repeats": args.repeats, "pinning": pinning, "kvserve_args": args.kvserve_args},
-        "offline": offline, "served": served, "probes": probes,
+        "offline": offline, "engine_client": client_side, "served": served, "probes": probes,
         "ratio": {"served_over_offline": r, "goal": goal, "met": r >= goal},
         "probe_goal": {"p99_ms": GOALS["probe_p99_ms"], "worst_p99_ms": worst, "met": worst <= GOALS["probe_p99_ms"]},
         "definitions": {"output_tokens_per_s": "output tokens / wall time of the whole workload (offline: "
                                                "LLM.generate; served: first request sent -> last response done)",
                         "runs": "with --repeats N: each timed run's seconds (offline: elapsed_s, served: "
                                 "duration_s); the other figures are the median run's, except errors_all_runs",
+                        "engine_client": "with --engine-client: the workload through kvserve.AsyncEngine in the "
+                                         "bench's process (no HTTP), pinned like the server; null without it",
                         "ttft": "request sent -> first streamed token", "cpu_busy": "CPU seconds (user + "
                         "system) per wall second during the burst: the server's processes, and this client", "cpu_seconds":
                         "CPU seconds during the burst of the server's API process and of the processes it "
@@ -515,14 +597,16 @@ def _report(args, machine, reqs, engine, warmup, pinning, offline, served, probe
 def plot(payload: dict, out_dir) -> object:
     """Output tok/s offline vs served, and probe latencies (p50, p99, max) idle and under load."""
     fig, (ax1, ax2) = common.new_figure(2, width=5.6, height=4.6)
-    off, srv = payload["offline"]["output_tokens_per_s"], payload["served"]["output_tokens_per_s"]
     r = payload["ratio"]
-    for i, (label, value, color) in enumerate((("offline\nLLM.generate", off, "tab:gray"),
-                                               ("served\nall at once", srv, "tab:green"))):
+    bars = [("offline\nLLM.generate", payload["offline"]["output_tokens_per_s"], "tab:gray")]
+    if payload.get("engine_client"):
+        bars.append(("AsyncEngine\nno HTTP", payload["engine_client"]["output_tokens_per_s"], "tab:olive"))
+    bars.append(("served\nall at once", payload["served"]["output_tokens_per_s"], "tab:green"))
+    for i, (label, value, color) in enumerate(bars):
         bar = ax1.bar(i, value or 0, color=color)[0]
         ax1.annotate(f"{value or 0:.0f} tok/s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                      xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9)
-    ax1.set_xticks([0, 1], ["offline\nLLM.generate", "served\nall at once"])
+    ax1.set_xticks(range(len(bars)), [label for label, _, _ in bars])
     ax1.set_ylabel("output tokens per second (higher is better)")
     ax1.set_title(f"served / offline = {r['served_over_offline'] or 0:.2f} (goal >= {r['goal']})", fontsize=10)
     ax1.margins(y=0.2)

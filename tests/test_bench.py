@@ -144,14 +144,15 @@ def test_generate_batch_peer_runs_on_the_installed_transformers(tiny_model_facto
 
 
 def test_served_benchmark_end_to_end(tmp_path):
-    """`kvserve bench served` on the tiny model: offline, a launched server, probes; the JSON has every figure."""
+    """`kvserve bench served` on the tiny model: offline, the engine client without HTTP, a launched server,
+    probes; the JSON has every figure."""
     pytest.importorskip("httpx")
     cwd = tmp_path / "work"
     cwd.mkdir()
     env = bench_env(tmp_path)
     cmd = [sys.executable, "-m", "kvserve", "bench", "served", "--model-shape", "tiny", "--num-requests", "8",
            "--prompt-len", "16:48", "--output-len", "4:12", "--probe-streams", "4", "--probe-seconds", "1",
-           "--threads", "1", "--startup-timeout", "120", "--repeats", "2"]
+           "--threads", "1", "--startup-timeout", "120", "--repeats", "2", "--engine-client"]
     if len(os.sched_getaffinity(0)) >= 2:
         first, second = sorted(os.sched_getaffinity(0))[:2]
         cmd += ["--server-cpus", str(first), "--client-cpus", str(second)]
@@ -164,6 +165,11 @@ def test_served_benchmark_end_to_end(tmp_path):
     assert payload["offline"]["output_tokens"] == payload["served"]["output_tokens"] == \
         payload["workload"]["output_tokens"]
     assert payload["served"]["errors"] == payload["served"]["errors_all_runs"] == 0
+    client = payload["engine_client"]     # the same workload through kvserve.AsyncEngine, no HTTP
+    assert client["output_tokens"] == payload["workload"]["output_tokens"] and len(client["runs"]) == 2
+    assert client["elapsed_s"] in client["runs"] and client["over_offline"] > 0
+    assert client["cpu_seconds"]["engine_process"] > 0 and client["cpu_seconds"]["client_process"] > 0
+    assert "without HTTP (kvserve.AsyncEngine in the bench's process)" in proc.stdout
     assert payload["ratio"]["served_over_offline"] > 0
     assert len(payload["offline"]["runs"]) == len(payload["served"]["runs"]) == 2   # --repeats 2: medians
     assert payload["offline"]["elapsed_s"] in payload["offline"]["runs"]
