@@ -80,6 +80,20 @@ def check(cfg: EngineConfig, hf_config, cuda_devices: int) -> None:
     elif cuda_devices:
         raise ValueError(f"--tensor-parallel-size {n} on CPU needs a host where torch sees no CUDA device (hide "
                          "them with CUDA_VISIBLE_DEVICES=)")
+    if not shards_on_load():
+        import transformers
+        raise ValueError(f"--tensor-parallel-size {n} needs transformers 5.13 or later, whose DistributedConfig "
+                         f"takes tp_size; this is transformers {transformers.__version__} (pip install -U "
+                         "'transformers<6'), or serve with --tensor-parallel-size 1")
+
+
+def shards_on_load() -> bool:
+    """Whether the installed transformers loads one shard per rank from DistributedConfig(tp_size=N), as
+    loader.load asks it to: 5.13 and later (inspected, not read from the version)."""
+    import inspect
+
+    from transformers.distributed import DistributedConfig
+    return "tp_size" in inspect.signature(DistributedConfig).parameters
 
 
 def launch(cfg: EngineConfig) -> WorkerGroup | None:
@@ -245,16 +259,29 @@ class TensorParallelRunner(ModelRunner):
 
 
 def local_kv_spec(spec: KVSpec, model) -> KVSpec:
-    """The KV heads this rank's attention sees: kv_heads / N where the plan shards the key projection
-    by columns (Llama, Qwen, Mistral, Gemma), all of them where it gathers it (Phi-3's fused qkv_proj)."""
+    """The KV heads this rank's attention sees (kv_heads_per_rank under the model's plan)."""
     size = getattr(model, "tp_size", None) or 1
     if size == 1:
         return spec
-    from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
-    heads = get_kv_heads_per_rank(model.tp_plan, spec.num_kv_heads, size)
+    heads = kv_heads_per_rank(model.tp_plan, spec.num_kv_heads, size)
     if heads is None:
         raise ValueError(f"{spec.num_kv_heads} KV heads cannot be split over {size} ranks")
     return dataclasses.replace(spec, num_kv_heads=heads)
+
+
+KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value")   # modules whose output holds the attention keys
+
+
+def kv_heads_per_rank(tp_plan: dict[str, str], num_kv_heads: int, size: int) -> int | None:
+    """The KV heads one of `size` ranks holds under `tp_plan`: num_kv_heads / size where the plan shards a
+    key projection by columns ("colwise": Llama, Qwen, Mistral, Gemma), all of them where it keeps or
+    gathers the whole output (Phi-3's fused qkv_proj: "colwise_rep" or "colwise_gather_output", as the
+    version names it); None when they do not divide. Read from the plan here, not with
+    transformers' own helper, which only its later 5.x releases have (5.17 has none)."""
+    sharded = any(key.rsplit(".", 1)[-1] in KEY_PROJECTIONS and style == "colwise" for key, style in tp_plan.items())
+    if not sharded:
+        return num_kv_heads
+    return None if num_kv_heads % size else num_kv_heads // size
 
 
 def agree(num_blocks: int) -> int:

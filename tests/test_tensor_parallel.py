@@ -20,12 +20,14 @@ import pytest
 
 from kvserve import LLM, SamplingParams
 from kvserve.config import EngineConfig
-from kvserve.distributed import WorkerGroupError
+from kvserve.distributed import WorkerGroupError, shards_on_load
 from test_engine_process import engine_children, gone
 from test_server_api import running_server, start_server, stop_server, wait_until
 
 ARCHS = ["gemma2", "llama", "mistral", "phi3", "qwen3"]
 LOGPROB_TOLERANCE = 1e-4    # float32 sums in another order (the shards' all-reduce) move logits by ~1e-6
+# what really shards a model: transformers 5.13 and later (an earlier one is refused by name, tested below)
+shards = pytest.mark.skipif(not shards_on_load(), reason="this transformers loads no shard per rank (5.13 and later do)")
 
 
 def prompts(lens=(9, 30, 41), seed: int = 0) -> list[list[int]]:
@@ -64,6 +66,7 @@ def close(llm: LLM) -> None:
         llm.close()
 
 
+@shards
 @pytest.mark.parametrize("arch", ARCHS)
 def test_two_ranks_equal_one_greedy_and_seeded(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
@@ -83,6 +86,7 @@ def test_two_ranks_equal_one_greedy_and_seeded(arch, tiny_model_factory):
     assert stats.blocks_used == 0 and stats.num_running == stats.num_waiting == 0
 
 
+@shards
 def test_two_ranks_with_async_scheduling_equal_one(tiny_model_factory):
     """The forward thread drives the collectives of rank 0 (the workers see the same ordered steps)."""
     path = tiny_model_factory("llama")
@@ -96,6 +100,7 @@ def test_two_ranks_with_async_scheduling_equal_one(tiny_model_factory):
     assert stats.num_preemptions > 0 and stats.blocks_used == 0
 
 
+@shards
 def test_block_moves_run_on_every_rank(tiny_model_factory):
     """The host tier's offloads and reloads and a fork's copy-on-write reach the worker's pool too."""
     path = tiny_model_factory("llama")
@@ -129,6 +134,21 @@ def test_block_moves_run_on_every_rank(tiny_model_factory):
     assert all(any(m[kind] for m in moves) for kind in range(3)), moves   # offloads, reloads, copies
 
 
+@pytest.mark.parametrize("config_name, kv_heads, expected", [
+    ("LlamaConfig", 4, 2), ("Qwen2Config", 2, 1), ("Gemma2Config", 4, 2),   # k_proj sharded by columns
+    ("Phi3Config", 4, 4),          # the fused qkv_proj's output is gathered: every rank holds every KV head
+    ("LlamaConfig", 3, None),      # 3 KV heads do not split over 2 ranks
+])
+def test_kv_heads_per_rank_follow_the_installed_transformers_plans(config_name, kv_heads, expected):
+    """Read from the plan by kvserve itself: transformers 5.17, the GPU hosts', has no helper for it."""
+    import transformers
+
+    from kvserve.distributed import kv_heads_per_rank
+    plan = {f"model.{key}": style for key, style in getattr(transformers, config_name)().base_model_tp_plan.items()}
+    assert kv_heads_per_rank(plan, kv_heads, 2) == expected
+    assert kv_heads_per_rank({}, kv_heads, 2) == kv_heads       # no plan: nothing is sharded
+
+
 def test_refusals(tiny_model_factory):
     """Refused before any worker starts: no tensor-parallel plan, heads that do not divide, bad sizes."""
     with pytest.raises(ValueError, match="no tensor-parallel plan"):
@@ -140,6 +160,21 @@ def test_refusals(tiny_model_factory):
             EngineConfig(model="m", tensor_parallel_size=bad)
 
 
+def test_a_transformers_that_cannot_shard_on_load_is_refused_by_name(tiny_model_factory, monkeypatch):
+    """transformers 5.3-5.12 load no shard per rank (their DistributedConfig takes no tp_size): refused before
+    any worker starts, naming the version needed and the one installed."""
+    from transformers import distributed as hf_distributed
+
+    class OldDistributedConfig:     # 5.3-5.12's signature
+        def __init__(self, enable_expert_parallel: bool = False):
+            self.enable_expert_parallel = enable_expert_parallel
+
+    monkeypatch.setattr(hf_distributed, "DistributedConfig", OldDistributedConfig)
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 needs transformers 5\.13 or later.*this is "
+                                         r"transformers \d"):
+        LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
+
+
 def test_cuda_device_checks(tiny_model_factory):
     from transformers import AutoConfig
 
@@ -148,13 +183,18 @@ def test_cuda_device_checks(tiny_model_factory):
     cfg = EngineConfig(model="m", device="cuda", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="needs 2 CUDA devices; torch sees 1"):
         distributed.check(cfg, hf_config, cuda_devices=1)
-    distributed.check(cfg, hf_config, cuda_devices=2)
+    if shards_on_load():
+        distributed.check(cfg, hf_config, cuda_devices=2)
+    else:       # the devices pass; the transformers cannot shard
+        with pytest.raises(ValueError, match="needs transformers 5.13 or later"):
+            distributed.check(cfg, hf_config, cuda_devices=2)
     with pytest.raises(ValueError, match="runs rank r on cuda:r"):
         distributed.check(EngineConfig(model="m", device="cuda:1", tensor_parallel_size=2), hf_config, 2)
     with pytest.raises(ValueError, match="no CUDA device"):
         distributed.check(EngineConfig(model="m", device="cpu", tensor_parallel_size=2), hf_config, 2)
 
 
+@shards
 def test_a_dead_worker_fails_the_offline_engine(tiny_model_factory):
     """Offline (no engine process to end) the next step raises instead of waiting on the lost rank."""
     llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
@@ -168,6 +208,7 @@ def test_a_dead_worker_fails_the_offline_engine(tiny_model_factory):
         close(llm)
 
 
+@shards
 def test_a_failed_forward_on_rank_0_stops_the_group(tiny_model_factory):
     """Rank 0 broke off a forward the worker may still be inside: the group is stopped, not reused."""
     llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
@@ -187,6 +228,7 @@ def test_a_failed_forward_on_rank_0_stops_the_group(tiny_model_factory):
         close(llm)
 
 
+@shards
 def test_the_ranks_listen_on_loopback_only(tiny_model_factory):
     psutil = pytest.importorskip("psutil")
     llm = LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
@@ -235,6 +277,7 @@ def servers(tiny_model_factory, tmp_path_factory):
         yield one, two
 
 
+@shards
 def test_server_outputs_equal_one_process(servers):
     one, two = servers
     assert len(worker_children(two.proc.pid)) == 1 and worker_children(one.proc.pid) == []
@@ -293,6 +336,7 @@ def test_serve_refuses_a_model_without_a_plan_and_a_bad_size(tiny_model_factory,
     assert r.returncode == 2 and "tensor_parallel_size must be an integer >= 1" in r.stderr, r.stderr[-3000:]
 
 
+@shards
 def test_a_killed_worker_ends_the_server_non_zero(tiny_model_factory, tmp_path):
     server = start_server(tiny_model_factory("llama"), tmp_path / "kvserve.log", "--tensor-parallel-size", "2")
     try:
@@ -304,6 +348,7 @@ def test_a_killed_worker_ends_the_server_non_zero(tiny_model_factory, tmp_path):
         stop_server(server)
 
 
+@shards
 def test_sigterm_drains_and_leaves_no_worker(tiny_model_factory, tmp_path):
     server = start_server(tiny_model_factory("llama"), tmp_path / "kvserve.log", "--tensor-parallel-size", "2")
     try:
@@ -319,6 +364,7 @@ def test_sigterm_drains_and_leaves_no_worker(tiny_model_factory, tmp_path):
         stop_server(server)
 
 
+@shards
 def test_tp_benchmark_runs_as_a_user_would(tmp_path):
     """`kvserve bench tp` on the tiny model: sizes 1 and 2, their tokens/s, and the same tokens."""
     pytest.importorskip("matplotlib")
