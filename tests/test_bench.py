@@ -195,6 +195,8 @@ def test_served_benchmark_end_to_end(tmp_path):
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert replot.returncode == 0, replot.stderr[-3000:]
     assert (cwd / "again" / "served.png").exists()
+    from kvserve.bench.served import plot     # a run without --engine-client (or from before it) plots too
+    assert plot({**payload, "engine_client": None}, cwd / "plain").exists()
 
 
 def test_served_repeats_rotate_the_prompts_and_report_the_median_run():

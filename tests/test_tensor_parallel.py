@@ -161,18 +161,27 @@ def test_refusals(tiny_model_factory):
 
 
 def test_a_transformers_that_cannot_shard_on_load_is_refused_by_name(tiny_model_factory, monkeypatch):
-    """transformers 5.3-5.12 load no shard per rank (their DistributedConfig takes no tp_size): refused before
-    any worker starts, naming the version needed and the one installed."""
+    """transformers 5.3-5.12 load no shard per rank (their DistributedConfig takes no tp_size): the check
+    launch() runs before any worker starts refuses it, naming the version needed and the one installed
+    (with no CUDA device counted, so on any host)."""
+    from transformers import AutoConfig
     from transformers import distributed as hf_distributed
+
+    from kvserve import distributed
 
     class OldDistributedConfig:     # 5.3-5.12's signature
         def __init__(self, enable_expert_parallel: bool = False):
             self.enable_expert_parallel = enable_expert_parallel
 
+    hf_config = AutoConfig.from_pretrained(tiny_model_factory("llama"))
+    cfg = EngineConfig(model="m", device="cpu", tensor_parallel_size=2)
     monkeypatch.setattr(hf_distributed, "DistributedConfig", OldDistributedConfig)
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 needs transformers 5\.13 or later.*this is "
                                          r"transformers \d"):
-        LLM(tiny_model_factory("llama"), device="cpu", tensor_parallel_size=2)
+        distributed.check(cfg, hf_config, cuda_devices=0)
+    monkeypatch.undo()
+    if shards_on_load():
+        distributed.check(cfg, hf_config, cuda_devices=0)
 
 
 def test_cuda_device_checks(tiny_model_factory):
